@@ -1,0 +1,3 @@
+"""shardtune: LoRA / QLoRA fine-tuning under FSDP as a reproducible Snakemake workflow."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,131 @@
+"""Configuration: JSON-Schema validation with defaults, per-run merging, cross-field checks,
+and the content keys that let runs share fetched and prepared inputs."""
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+SECTIONS = ("dataset", "model", "data", "lora", "quantization", "fsdp", "training", "evaluate", "hub")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+def _with_defaults(validator_class):
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub:
+                    instance.setdefault(name, copy.deepcopy(sub["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def load_schema(path=SCHEMA_PATH):
+    return yaml.safe_load(Path(path).read_text())
+
+
+def _key_path(prefix, error):
+    parts = [*prefix, *map(str, error.absolute_path)]
+    if error.validator == "additionalProperties":
+        unexpected = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return ".".join(parts + unexpected[:1]) or "<top level>", f"unknown key (allowed: {', '.join(sorted(error.schema.get('properties', {})))})"
+    return ".".join(parts) or "<top level>", error.message
+
+
+def validate(instance, schema, prefix=()):
+    """Fill defaults into `instance` in place; raise ConfigError naming the first bad key."""
+    errors = sorted(_Validator(schema).iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        # Prefer the most specific error (deepest path) of the first offending key.
+        error = max(errors, key=lambda e: len(e.absolute_path)) if len(errors) > 1 else errors[0]
+        key, message = _key_path(prefix, error)
+        raise ConfigError(f"config error at '{key}': {message}")
+    return instance
+
+
+def deep_merge(base, override):
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve_runs(config, schema=None):
+    """Validate `config` (filling defaults) and return {run name: fully resolved settings}."""
+    schema = schema or load_schema()
+    config = validate(copy.deepcopy(config), schema)
+    defaults = {name: config[name] for name in SECTIONS}
+    run_schema = {**schema, "properties": {k: v for k, v in schema["properties"].items() if k != "runs"}}
+    runs = {}
+    for name, override in config["runs"].items():
+        settings = validate(deep_merge(defaults, override), run_schema, prefix=("runs", name))
+        check_combinations(settings, prefix=f"runs.{name}")
+        runs[name] = settings
+    return runs
+
+
+def check_combinations(s, prefix="run"):
+    """Reject settings that validate one by one but cannot work together, before any job starts."""
+    q, f, t, lora = s["quantization"], s["fsdp"], s["training"], s["lora"]
+
+    def fail(key, message):
+        raise ConfigError(f"config error at '{prefix}.{key}': {message}")
+
+    if q["load_in_8bit"]:
+        fail("quantization.load_in_8bit", "8-bit quantization cannot be sharded by FSDP; use load_in_4bit (QLoRA)")
+    if f["version"] == 2 and f["forward_prefetch"]:
+        fail("fsdp.forward_prefetch", "FSDP2 has no forward prefetch option; set it false or use fsdp.version: 1")
+    if q["load_in_4bit"]:
+        if f["mixed_precision"] == "fp16" and q["bnb_4bit_quant_storage_dtype"] != "float32":
+            fail("quantization.bnb_4bit_quant_storage_dtype", "fp16 mixed precision needs float32 quant storage")
+        if "paged" in t["optim"] and "8bit" in t["optim"]:
+            fail("training.optim", f"{t['optim']} fails to save checkpoints with FSDP + QLoRA; use adamw_torch")
+        if s["model"]["dtype"] not in ("auto", q["bnb_4bit_quant_storage_dtype"]):
+            fail("model.dtype", "with load_in_4bit the model must load in the quant storage dtype (use auto)")
+    if f["version"] == 1 and f["use_orig_params"]:
+        fail("fsdp.use_orig_params", "with LoRA under FSDP1 use_orig_params must be false to save memory")
+    if f["cpu_ram_efficient_loading"] and not f["sync_module_states"] and f["version"] == 1:
+        fail("fsdp.sync_module_states", "cpu_ram_efficient_loading under FSDP1 needs sync_module_states: true")
+    if t["save_strategy"] == "steps" and t["eval_strategy"] == "steps" and t["eval_steps"] is None:
+        fail("training.eval_steps", "eval_strategy: steps needs eval_steps")
+    if f["machine_rank"] >= f["num_machines"]:
+        fail("fsdp.machine_rank", f"must be below num_machines ({f['num_machines']})")
+    if f["num_machines"] > 1 and not f["main_process_ip"]:
+        fail("fsdp.main_process_ip", "a multi-machine run needs the main process address")
+    if lora["use_dora"] and q["load_in_8bit"]:
+        fail("lora.use_dora", "DoRA on 8-bit weights is not supported")
+
+
+def content_key(label, *parts):
+    """A short, readable key: '<label>-<hash of parts>'."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
+    safe = "".join(c if c.isalnum() else "_" for c in label.split(":")[-1].split("/")[-1])[:40]
+    return f"{safe}-{digest}"
+
+
+def dataset_key(s):
+    return content_key(s["dataset"]["source"], s["dataset"])
+
+
+def model_key(s):
+    return content_key(s["model"]["source"], {k: s["model"][k] for k in ("source", "revision", "builtin")})
+
+
+def prepared_key(s):
+    return content_key(s["dataset"]["source"], dataset_key(s), model_key(s), s["data"])

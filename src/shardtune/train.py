@@ -1,0 +1,290 @@
+"""Training entry point, started by `accelerate launch -m shardtune.train`.
+
+Maps the run's settings to TRL's SFTTrainer + a PEFT LoraConfig; Accelerate wraps the model
+with FSDP from the generated config file. Training writes sharded checkpoints only: a
+separate step turns the last one into an adapter (a full-state-dict save under FSDP2 is
+what crashes in the recipe).
+"""
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .cpu_fsdp import keep_fsdp_on_cpu
+
+keep_fsdp_on_cpu()  # before anything creates Accelerate's state
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from .checkpoints import MarkCompleteCheckpoints, SaveAtEnd, latest_complete, remove_incomplete  # noqa: E402
+from .io import read_json, write_json  # noqa: E402
+from .sources import model_path  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
+
+
+def load_dtype(settings):
+    """The dtype the base weights load in: the quant storage dtype for QLoRA (as the recipe
+    requires for FSDP to flatten them), bf16 under bf16 mixed precision, else fp32."""
+    chosen = settings["model"]["dtype"]
+    if chosen != "auto":
+        return DTYPES[chosen]
+    if settings["quantization"]["load_in_4bit"]:
+        return DTYPES[settings["quantization"]["bnb_4bit_quant_storage_dtype"]]
+    return torch.float32
+
+
+def attention_implementation(requested):
+    """flash_attention_2 where flash-attn and a GPU are there, otherwise sdpa; says why."""
+    import importlib.util
+
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        if has_flash and torch.cuda.is_available():
+            return "flash_attention_2", "flash-attn is installed and a GPU is visible"
+        return "sdpa", "no GPU visible" if not torch.cuda.is_available() else "flash-attn is not installed"
+    if requested == "flash_attention_2" and not (has_flash and torch.cuda.is_available()):
+        raise SystemExit("model.attn_implementation: flash_attention_2 needs flash-attn and a GPU")
+    return requested, "set in model.attn_implementation"
+
+
+def quantization_config(q):
+    if not q["load_in_4bit"]:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q["bnb_4bit_quant_type"],
+        bnb_4bit_use_double_quant=q["use_nested_quant"],
+        bnb_4bit_compute_dtype=DTYPES[q["bnb_4bit_compute_dtype"]],
+        bnb_4bit_quant_storage=DTYPES[q["bnb_4bit_quant_storage_dtype"]],
+    )
+
+
+def lora_config(lora):
+    return LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        bias=lora["bias"],
+        use_dora=lora["use_dora"],
+        modules_to_save=lora["modules_to_save"],
+        task_type="CAUSAL_LM",
+    )
+
+
+def sft_config(settings, output_dir):
+    t, f, d = settings["training"], settings["fsdp"], settings["data"]
+    return SFTConfig(
+        output_dir=str(output_dir),
+        seed=t["seed"],
+        data_seed=t["data_seed"] if t["data_seed"] is not None else t["seed"],
+        learning_rate=t["learning_rate"],
+        lr_scheduler_type=t["lr_scheduler_type"],
+        weight_decay=t["weight_decay"],
+        # transformers 5 takes a ratio as a float below 1 in warmup_steps
+        warmup_steps=t["warmup_steps"] or t["warmup_ratio"],
+        max_grad_norm=t["max_grad_norm"],
+        num_train_epochs=t["num_train_epochs"],
+        max_steps=t["max_steps"],
+        per_device_train_batch_size=t["per_device_train_batch_size"],
+        per_device_eval_batch_size=t["per_device_eval_batch_size"],
+        gradient_accumulation_steps=t["gradient_accumulation_steps"],
+        gradient_checkpointing=t["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": t["use_reentrant"]},
+        optim=t["optim"],
+        logging_steps=t["logging_steps"],
+        logging_strategy="steps",
+        log_level=t["log_level"],
+        eval_strategy=t["eval_strategy"],
+        eval_steps=t["eval_steps"],
+        save_strategy=t["save_strategy"],
+        save_steps=t["save_steps"],
+        save_total_limit=t["save_total_limit"],
+        dataloader_num_workers=t["dataloader_num_workers"],
+        bf16=f["mixed_precision"] == "bf16",
+        fp16=f["mixed_precision"] == "fp16",
+        # Rows are already tokenized and packed by the prepare step; the collator flattens a
+        # batch of packed rows into one padding-free sequence with restarting position ids.
+        max_length=d["max_seq_len"],
+        packing=d["packing"],
+        padding_free=d["packing"],
+        dataset_kwargs={"skip_prepare_dataset": True},
+        include_num_input_tokens_seen="non_padding",
+        report_to=["tensorboard"],
+        disable_tqdm=not sys.stderr.isatty(),
+        push_to_hub=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+class CsvLog(TrainerCallback):
+    """Loss, learning rate, grad norm and tokens/s per logging step, as CSV (main process)."""
+
+    FIELDS = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second", "tokens_seen"]
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.last = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now, seen = time.perf_counter(), state.num_input_tokens_seen
+        rate = None
+        if self.last and now > self.last[0] and seen > self.last[1]:
+            rate = (seen - self.last[1]) / (now - self.last[0])
+        self.last = (now, seen)
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow(
+                {
+                    "step": state.global_step,
+                    "epoch": logs.get("epoch", state.epoch),
+                    "loss": logs.get("loss"),
+                    "eval_loss": logs.get("eval_loss"),
+                    "learning_rate": logs.get("learning_rate"),
+                    "grad_norm": logs.get("grad_norm"),
+                    "tokens_per_second": rate,
+                    "tokens_seen": seen,
+                }
+            )
+
+
+def fingerprint(settings, data_dir):
+    """What a checkpoint depends on: resuming from one with another fingerprint is refused."""
+    relevant = {k: settings[k] for k in ("model", "data", "lora", "quantization", "training")}
+    relevant["fsdp"] = {k: v for k, v in settings["fsdp"].items() if k not in ("machine_rank", "main_process_ip")}
+    relevant["data_dir"] = Path(data_dir).name
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def probe_batch(test):
+    """A fixed input for checking conversion later: the first packed test row."""
+    row = test[0]
+    ids = torch.tensor(row["input_ids"][:128])[None]
+    positions = torch.cat([torch.arange(n) for n in row["seq_lengths"]])[: ids.shape[1]][None]
+    return ids, positions
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--settings", required=True, help="resolved run settings (JSON)")
+    parser.add_argument("--data", required=True, help="prepared data directory")
+    parser.add_argument("--model", required=True, help="fetched model directory")
+    parser.add_argument("--output", required=True, help="training directory (checkpoints)")
+    parser.add_argument("--done", required=True, help="JSON written when training is complete")
+    args = parser.parse_args(argv)
+    settings = json.loads(args.settings)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    is_main = state.is_main_process
+    log = print if is_main else (lambda *a, **k: None)
+
+    # A checkpoint from other settings must not be resumed; a partial one never is.
+    stamp = fingerprint(settings, args.data)
+    stamp_file = out / "fingerprint.txt"
+    if is_main:
+        if stamp_file.exists() and stamp_file.read_text().strip() != stamp:
+            log(f"settings changed since the checkpoints in {out} were written: starting afresh")
+            for path in out.glob("checkpoint-*"):
+                shutil.rmtree(path)
+            for stale in ("log.csv", "tensorboard"):
+                shutil.rmtree(out / stale, ignore_errors=True) if (out / stale).is_dir() else (out / stale).unlink(
+                    missing_ok=True
+                )
+        remove_incomplete(out, log=log)
+        stamp_file.write_text(stamp + "\n")
+    state.wait_for_everyone()
+
+    data = datasets.load_from_disk(str(Path(args.data) / "data"))
+    tokenizer = AutoTokenizer.from_pretrained(Path(args.data) / "tokenizer")
+    attn, why = attention_implementation(settings["model"]["attn_implementation"])
+    log(f"attention: {attn} ({why})")
+    q = settings["quantization"]
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path(args.model),
+        dtype=load_dtype(settings),
+        attn_implementation=attn,
+        quantization_config=quantization_config(q),
+    )
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        # The chat format added tokens: grow the embeddings, as the recipe does.
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8, mean_resizing=not q["load_in_4bit"])
+    model.config.use_cache = False  # a cache would let packed sequences attend across boundaries
+
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
+    config = sft_config(settings, out)
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=data["train"],
+        eval_dataset=data["test"] if config.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(settings["lora"]),
+        callbacks=[MarkCompleteCheckpoints(), SaveAtEnd(), CsvLog(out / "log.csv")],
+    )
+    distributed = str(trainer.accelerator.distributed_type)
+    log(f"distributed type: {distributed}, processes: {state.num_processes}, fsdp: {trainer.is_fsdp_enabled}")
+    if not trainer.is_fsdp_enabled:
+        raise SystemExit(f"FSDP is not active (distributed type {distributed}): refusing to train unsharded")
+    if is_main:
+        trainer.model.peft_config["default"].save_pretrained(out / "adapter_config")
+
+    resume = latest_complete(out)
+    log(f"resuming from {resume}" if resume else "starting from step 0")
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    # Logits of the trained model on a fixed input, to prove the converted adapter later.
+    ids, positions = probe_batch(data["test"])
+    model = trainer.model_wrapped
+    model.eval()
+    with torch.no_grad():
+        logits = model(
+            input_ids=ids.to(trainer.args.device), position_ids=positions.to(trainer.args.device), use_cache=False
+        ).logits
+    last = latest_complete(out)
+    if is_main:
+        save_file(
+            {"input_ids": ids, "position_ids": positions, "logits": logits.float().cpu().contiguous()},
+            out / "probe.safetensors",
+        )
+        write_json(
+            args.done,
+            {
+                "checkpoint": str(last),
+                "global_step": trainer.state.global_step,
+                "distributed_type": distributed,
+                "num_processes": state.num_processes,
+                "fsdp_version": trainer.accelerator.state.fsdp_plugin.fsdp_version,
+                "mixed_precision": settings["fsdp"]["mixed_precision"],
+                "attn_implementation": attn,
+                "train_loss": result.training_loss,
+                "metrics": result.metrics,
+                "resumed_from": str(resume) if resume else None,
+                "fingerprint": stamp,
+            },
+        )
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()
