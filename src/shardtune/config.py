@@ -9,11 +9,13 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from .errors import UserError
+
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 SECTIONS = ("dataset", "model", "data", "lora", "quantization", "fsdp", "training", "evaluate", "hub")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value that cannot work; the message names the key."""
 
 

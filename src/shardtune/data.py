@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 from trl.data_utils import pack_dataset
 
+from .errors import UserError
 from .io import atomic_dir, write_json
 from .sources import SourceError, model_path
 from .templates import FORMAT_TOKENS, chat_template
@@ -19,7 +20,7 @@ ROLES = {"system", "user", "assistant"}
 IGNORE_INDEX = -100
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A bad row or a data setting that cannot work; the message names the row."""
 
 

@@ -34,3 +34,30 @@ def write_json(path, data):
 
 def read_json(path):
     return json.loads(Path(path).read_text())
+
+
+@contextlib.contextmanager
+def job(log_path):
+    """Run a workflow step with its output in `log_path`. A UserError ends the step with
+    one line on the console and in the log, and a non-zero exit; anything else keeps its
+    traceback in the log."""
+    import sys
+    import traceback
+
+    from .errors import UserError
+
+    console = sys.stderr
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", buffering=1) as log:
+        sys.stdout = sys.stderr = log
+        try:
+            yield lambda *parts: print(*parts, file=log, flush=True)
+        except UserError as err:
+            print(f"ERROR: {err}", file=log)
+            print(f"ERROR: {err}", file=console)
+            raise SystemExit(1) from None
+        except BaseException:
+            traceback.print_exc(file=log)
+            raise
+        finally:
+            sys.stdout, sys.stderr = sys.__stdout__, console

@@ -7,13 +7,14 @@ from pathlib import Path
 import datasets
 
 from .builtin_data import build_conversations
+from .errors import UserError
 from .io import atomic_dir, read_json, write_json
 
 HUB_PREFIX = "hf:"
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """An input that cannot be read; the message names the file, row or field."""
 
 

@@ -24,26 +24,12 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback  # noqa: E402
+from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from .checkpoints import MarkCompleteCheckpoints, SaveAtEnd, latest_complete, remove_incomplete  # noqa: E402
-from .io import read_json, write_json  # noqa: E402
-from .sources import model_path  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
-
-
-def load_dtype(settings):
-    """The dtype the base weights load in: the quant storage dtype for QLoRA (as the recipe
-    requires for FSDP to flatten them), bf16 under bf16 mixed precision, else fp32."""
-    chosen = settings["model"]["dtype"]
-    if chosen != "auto":
-        return DTYPES[chosen]
-    if settings["quantization"]["load_in_4bit"]:
-        return DTYPES[settings["quantization"]["bnb_4bit_quant_storage_dtype"]]
-    return torch.float32
-
+from .io import write_json  # noqa: E402
+from .modeling import load_base_model, packed_position_ids  # noqa: E402
 
 def attention_implementation(requested):
     """flash_attention_2 where flash-attn and a GPU are there, otherwise sdpa; says why."""
@@ -57,18 +43,6 @@ def attention_implementation(requested):
     if requested == "flash_attention_2" and not (has_flash and torch.cuda.is_available()):
         raise SystemExit("model.attn_implementation: flash_attention_2 needs flash-attn and a GPU")
     return requested, "set in model.attn_implementation"
-
-
-def quantization_config(q):
-    if not q["load_in_4bit"]:
-        return None
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q["bnb_4bit_quant_type"],
-        bnb_4bit_use_double_quant=q["use_nested_quant"],
-        bnb_4bit_compute_dtype=DTYPES[q["bnb_4bit_compute_dtype"]],
-        bnb_4bit_quant_storage=DTYPES[q["bnb_4bit_quant_storage_dtype"]],
-    )
 
 
 def lora_config(lora):
@@ -177,7 +151,7 @@ def probe_batch(test):
     """A fixed input for checking conversion later: the first packed test row."""
     row = test[0]
     ids = torch.tensor(row["input_ids"][:128])[None]
-    positions = torch.cat([torch.arange(n) for n in row["seq_lengths"]])[: ids.shape[1]][None]
+    positions = packed_position_ids(row["seq_lengths"])[: ids.shape[1]][None]
     return ids, positions
 
 
@@ -219,17 +193,7 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(Path(args.data) / "tokenizer")
     attn, why = attention_implementation(settings["model"]["attn_implementation"])
     log(f"attention: {attn} ({why})")
-    q = settings["quantization"]
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path(args.model),
-        dtype=load_dtype(settings),
-        attn_implementation=attn,
-        quantization_config=quantization_config(q),
-    )
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        # The chat format added tokens: grow the embeddings, as the recipe does.
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8, mean_resizing=not q["load_in_4bit"])
-    model.config.use_cache = False  # a cache would let packed sequences attend across boundaries
+    model = load_base_model(args.model, settings, len(tokenizer), attn=attn)
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     config = sft_config(settings, out)

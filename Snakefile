@@ -1,0 +1,48 @@
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+# Schema validation with defaults, per-run merging and cross-field checks: a bad value
+# stops here, naming its key, before any job starts.
+RUNS = validated_runs(config)
+
+
+include: "workflow/rules/fetch.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/accelerate.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/convert.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "results/summary.tsv",
+
+
+rule data:
+    input:
+        run_outputs("data"),
+
+
+rule train:
+    input:
+        run_outputs("train"),
+
+
+rule convert:
+    input:
+        run_outputs("convert"),
+
+
+rule evaluate:
+    input:
+        run_outputs("evaluate"),

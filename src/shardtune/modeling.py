@@ -1,0 +1,53 @@
+"""Loading the base model the way training loaded it (dtype, quantization, attention,
+resized embeddings), so that evaluation and conversion see the same weights."""
+
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from .sources import model_path
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
+
+
+def load_dtype(settings):
+    """The dtype the base weights load in: the quant storage dtype for QLoRA (as the recipe
+    requires for FSDP to flatten them), else what model.dtype says (auto = float32)."""
+    chosen = settings["model"]["dtype"]
+    if chosen != "auto":
+        return DTYPES[chosen]
+    if settings["quantization"]["load_in_4bit"]:
+        return DTYPES[settings["quantization"]["bnb_4bit_quant_storage_dtype"]]
+    return torch.float32
+
+
+def quantization_config(q):
+    if not q["load_in_4bit"]:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q["bnb_4bit_quant_type"],
+        bnb_4bit_use_double_quant=q["use_nested_quant"],
+        bnb_4bit_compute_dtype=DTYPES[q["bnb_4bit_compute_dtype"]],
+        bnb_4bit_quant_storage=DTYPES[q["bnb_4bit_quant_storage_dtype"]],
+    )
+
+
+def load_base_model(model_dir, settings, vocab_size, attn="sdpa", **kwargs):
+    """The base model as training saw it, embeddings resized to `vocab_size` if tokens were added."""
+    q = settings["quantization"]
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path(model_dir),
+        dtype=load_dtype(settings),
+        attn_implementation=attn,
+        quantization_config=quantization_config(q),
+        **kwargs,
+    )
+    if vocab_size > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab_size, pad_to_multiple_of=8, mean_resizing=not q["load_in_4bit"])
+    model.config.use_cache = False  # a cache would let packed sequences attend across boundaries
+    return model
+
+
+def packed_position_ids(seq_lengths):
+    """Position ids that restart at 0 for every packed sequence."""
+    return torch.cat([torch.arange(n) for n in seq_lengths])

@@ -1,0 +1,79 @@
+import os
+import sys
+from pathlib import Path
+
+# The workflow's logic is the shardtune package in src/; jobs import it from there too.
+SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, SRC)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))
+
+from snakemake.exceptions import WorkflowError
+from shardtune import config as stconfig
+
+
+def validated_runs(config):
+    try:
+        return stconfig.resolve_runs(config)
+    except stconfig.ConfigError as err:
+        raise WorkflowError(str(err)) from None
+
+
+def _by_key(key_of, section):
+    return {key_of(s): s[section] for s in RUNS.values()}
+
+
+def dataset_spec(wildcards):
+    return _by_key(stconfig.dataset_key, "dataset")[wildcards.dataset]
+
+
+def model_spec(wildcards):
+    return _by_key(stconfig.model_key, "model")[wildcards.model]
+
+
+def prepared_settings(wildcards):
+    return _by_key(stconfig.prepared_key, "data")[wildcards.prepared]
+
+
+def prepared_inputs(wildcards):
+    """Fetched data set and model behind a prepared-data key."""
+    run = next(s for s in RUNS.values() if stconfig.prepared_key(s) == wildcards.prepared)
+    return {
+        "dataset": f"resources/datasets/{stconfig.dataset_key(run)}",
+        "model": f"resources/models/{stconfig.model_key(run)}",
+    }
+
+
+def run_inputs(wildcards):
+    """Model and prepared data of a run."""
+    s = RUNS[wildcards.run]
+    return {
+        "model": f"resources/models/{stconfig.model_key(s)}",
+        "data": f"resources/prepared/{stconfig.prepared_key(s)}",
+    }
+
+
+def settings_of(*sections):
+    """A params function giving a run's settings restricted to `sections`, so that a change
+    elsewhere in the config does not rerun the rule."""
+
+    def settings(wildcards):
+        return {name: RUNS[wildcards.run][name] for name in sections}
+
+    return settings
+
+
+def train_settings_json(wildcards):
+    import json
+
+    s = RUNS[wildcards.run]
+    return json.dumps({k: s[k] for k in ("model", "data", "lora", "quantization", "fsdp", "training")})
+
+
+def run_outputs(stage):
+    files = {
+        "data": [f"resources/prepared/{stconfig.prepared_key(s)}" for s in RUNS.values()],
+        "train": [f"results/{run}/train/done.json" for run in RUNS],
+        "convert": [f"results/{run}/adapter" for run in RUNS],
+        "evaluate": [f"results/{run}/eval/metrics.json" for run in RUNS],
+    }
+    return sorted(set(files[stage]))

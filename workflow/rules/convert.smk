@@ -1,0 +1,14 @@
+rule convert_checkpoint:
+    input:
+        unpack(run_inputs),
+        done="results/{run}/train/done.json",
+    output:
+        directory("results/{run}/adapter"),
+    params:
+        settings=settings_of("model", "quantization"),
+    log:
+        "logs/convert_checkpoint/{run}.log",
+    benchmark:
+        "benchmarks/convert_checkpoint/{run}.tsv"
+    script:
+        "../scripts/convert_checkpoint.py"
