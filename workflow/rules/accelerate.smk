@@ -1,9 +1,11 @@
 rule write_accelerate_config:
     output:
         "results/{run}/accelerate.yaml",
-    params:
-        settings=settings_of("fsdp"),
     log:
         "logs/write_accelerate_config/{run}.log",
+    conda:
+        "../../envs/train.yaml"
+    params:
+        settings=settings_of("fsdp"),
     script:
         "../scripts/write_accelerate_config.py"

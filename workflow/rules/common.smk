@@ -5,7 +5,9 @@ from pathlib import Path
 # The workflow's logic is the shardtune package in src/; jobs import it from there too.
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))
+)
 
 from snakemake.exceptions import WorkflowError
 from shardtune import config as stconfig
@@ -36,7 +38,9 @@ def prepared_settings(wildcards):
 
 def prepared_inputs(wildcards):
     """Fetched data set and model behind a prepared-data key."""
-    run = next(s for s in RUNS.values() if stconfig.prepared_key(s) == wildcards.prepared)
+    run = next(
+        s for s in RUNS.values() if stconfig.prepared_key(s) == wildcards.prepared
+    )
     return {
         "dataset": f"resources/datasets/{stconfig.dataset_key(run)}",
         "model": f"resources/models/{stconfig.model_key(run)}",
@@ -66,12 +70,16 @@ def train_settings_json(wildcards):
     import json
 
     s = RUNS[wildcards.run]
-    return json.dumps({k: s[k] for k in ("model", "data", "lora", "quantization", "fsdp", "training")})
+    return json.dumps(
+        {k: s[k] for k in ("model", "data", "lora", "quantization", "fsdp", "training")}
+    )
 
 
 def run_outputs(stage):
     files = {
-        "data": [f"resources/prepared/{stconfig.prepared_key(s)}" for s in RUNS.values()],
+        "data": [
+            f"resources/prepared/{stconfig.prepared_key(s)}" for s in RUNS.values()
+        ],
         "train": [f"results/{run}/train/done.json" for run in RUNS],
         "convert": [f"results/{run}/adapter" for run in RUNS],
         "evaluate": [f"results/{run}/eval/metrics.json" for run in RUNS],

@@ -4,11 +4,13 @@ rule convert_checkpoint:
         done="results/{run}/train/done.json",
     output:
         directory("results/{run}/adapter"),
-    params:
-        settings=settings_of("model", "quantization"),
     log:
         "logs/convert_checkpoint/{run}.log",
     benchmark:
         "benchmarks/convert_checkpoint/{run}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    params:
+        settings=settings_of("model", "quantization"),
     script:
         "../scripts/convert_checkpoint.py"

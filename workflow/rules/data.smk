@@ -4,12 +4,14 @@ rule prepare_data:
         unpack(prepared_inputs),
     output:
         directory("resources/prepared/{prepared}"),
-    params:
-        settings=prepared_settings,
-    threads: 2
     log:
         "logs/prepare_data/{prepared}.log",
     benchmark:
         "benchmarks/prepare_data/{prepared}.tsv"
+    conda:
+        "../../envs/data.yaml"
+    threads: 2
+    params:
+        settings=prepared_settings,
     script:
         "../scripts/prepare_data.py"

@@ -5,12 +5,14 @@ rule evaluate_run:
     output:
         metrics="results/{run}/eval/metrics.json",
         table="results/{run}/eval/metrics.tsv",
-    params:
-        settings=settings_of("model", "quantization", "data", "evaluate"),
     log:
         "logs/evaluate_run/{run}.log",
     benchmark:
         "benchmarks/evaluate_run/{run}.tsv"
+    conda:
+        "../../envs/evaluate.yaml"
+    params:
+        settings=settings_of("model", "quantization", "data", "evaluate"),
     script:
         "../scripts/evaluate_run.py"
 
@@ -22,5 +24,7 @@ rule summarize:
         "results/summary.tsv",
     log:
         "logs/summarize.log",
+    conda:
+        "../../envs/evaluate.yaml"
     script:
         "../scripts/summarize.py"

@@ -7,10 +7,12 @@ localrules:
 rule fetch_dataset:
     output:
         directory("resources/datasets/{dataset}"),
-    params:
-        spec=dataset_spec,
     log:
         "logs/fetch_dataset/{dataset}.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        spec=dataset_spec,
     script:
         "../scripts/fetch_dataset.py"
 
@@ -18,9 +20,11 @@ rule fetch_dataset:
 rule fetch_model:
     output:
         directory("resources/models/{model}"),
-    params:
-        spec=model_spec,
     log:
         "logs/fetch_model/{model}.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        spec=model_spec,
     script:
         "../scripts/fetch_model.py"

@@ -6,14 +6,16 @@ rule fsdp_train:
         accelerate="results/{run}/accelerate.yaml",
     output:
         "results/{run}/train/done.json",
-    params:
-        settings=train_settings_json,
-        train_dir=subpath(output[0], parent=True),
-    threads: 2
     log:
         "logs/fsdp_train/{run}.log",
     benchmark:
         "benchmarks/fsdp_train/{run}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: 2
+    params:
+        settings=train_settings_json,
+        train_dir=subpath(output[0], parent=True),
     shell:
         "accelerate launch --config_file {input.accelerate} -m shardtune.train"
         " --settings {params.settings:q} --data {input.data} --model {input.model}"
