@@ -4,6 +4,8 @@ import os
 
 import yaml
 
+from .config import ConfigError
+
 
 
 def resolve_num_processes(fsdp, gpus):
@@ -66,8 +68,9 @@ def build(settings, gpus):
 def write(settings, path, gpus):
     config = build(settings, gpus)
     if gpus and config["num_processes"] > gpus * config["num_machines"]:
-        raise ValueError(
-            f"fsdp.num_processes={config['num_processes']} exceeds the {gpus} GPU(s) per machine visible here"
+        raise ConfigError(
+            f"config error at 'fsdp.num_processes': {config['num_processes']} processes on "
+            f"{config['num_machines']} machine(s) but {gpus} GPU(s) per machine are visible; lower it or use auto"
         )
     text = yaml.safe_dump(config, sort_keys=False)
     tmp = f"{path}.tmp"

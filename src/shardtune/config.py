@@ -104,7 +104,7 @@ def check_combinations(s, prefix="run"):
         fail("fsdp.use_orig_params", "with LoRA under FSDP1 use_orig_params must be false to save memory")
     if f["cpu_ram_efficient_loading"] and not f["sync_module_states"] and f["version"] == 1:
         fail("fsdp.sync_module_states", "cpu_ram_efficient_loading under FSDP1 needs sync_module_states: true")
-    if t["save_strategy"] == "steps" and t["eval_strategy"] == "steps" and t["eval_steps"] is None:
+    if t["eval_strategy"] == "steps" and t["eval_steps"] is None:
         fail("training.eval_steps", "eval_strategy: steps needs eval_steps")
     if f["machine_rank"] >= f["num_machines"]:
         fail("fsdp.machine_rank", f"must be below num_machines ({f['num_machines']})")

@@ -87,8 +87,8 @@ def sft_config(settings, output_dir):
         save_steps=t["save_steps"],
         save_total_limit=t["save_total_limit"],
         dataloader_num_workers=t["dataloader_num_workers"],
-        bf16=f["mixed_precision"] == "bf16",
-        fp16=f["mixed_precision"] == "fp16",
+        bf16=f["mixed_precision"] == "bf16" if t["bf16"] is None else t["bf16"],
+        fp16=f["mixed_precision"] == "fp16" if t["fp16"] is None else t["fp16"],
         # Rows are already tokenized and packed by the prepare step; the collator flattens a
         # batch of packed rows into one padding-free sequence with restarting position ids.
         max_length=d["max_seq_len"],
@@ -239,7 +239,7 @@ def main(argv=None):
                 "distributed_type": distributed,
                 "num_processes": state.num_processes,
                 "fsdp_version": trainer.accelerator.state.fsdp_plugin.fsdp_version,
-                "mixed_precision": settings["fsdp"]["mixed_precision"],
+                "mixed_precision": str(trainer.accelerator.mixed_precision),  # effective, not just the file's
                 "attn_implementation": attn,
                 "train_loss": result.training_loss,
                 "metrics": result.metrics,

@@ -14,6 +14,13 @@ from shardtune import config as stconfig
 
 
 def validated_runs(config):
+    # Snakemake merges `runs:` of --configfile files into config.yaml's; a config file that
+    # names its runs means those runs only, so they replace the default's.
+    cli_runs = {}
+    for path in workflow.overwrite_configfiles:
+        cli_runs |= (stconfig.yaml.safe_load(Path(path).read_text()) or {}).get("runs") or {}
+    if cli_runs:
+        config = {**config, "runs": cli_runs}
     try:
         return stconfig.resolve_runs(config)
     except stconfig.ConfigError as err:
