@@ -20,6 +20,7 @@ include: "workflow/rules/accelerate.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/convert.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/hub.smk"
 
 
 rule all:
@@ -46,3 +47,8 @@ rule convert:
 rule evaluate:
     input:
         run_outputs("evaluate"),
+
+
+rule upload:
+    input:
+        hub_outputs(),

@@ -92,3 +92,31 @@ def run_outputs(stage):
         "evaluate": [f"results/{run}/eval/metrics.json" for run in RUNS],
     }
     return sorted(set(files[stage]))
+
+
+def hub_runs():
+    """Runs with hub.push: true, each with its own repo_id (else a config error)."""
+    from shardtune import hub as sthub
+
+    try:
+        return sthub.check_runs(RUNS)
+    except stconfig.ConfigError as err:
+        raise WorkflowError(str(err)) from None
+
+
+def hub_outputs():
+    return [f"results/{run}/hub/upload.json" for run in hub_runs()]
+
+
+def hub_inputs(wildcards):
+    """What push_to_hub publishes: adapter, metrics, training record, and the merged model
+    when hub.include_merged is set."""
+    run = wildcards.run
+    files = {
+        "adapter": f"results/{run}/adapter",
+        "metrics": f"results/{run}/eval/metrics.json",
+        "done": f"results/{run}/train/done.json",
+    }
+    if RUNS[run]["hub"]["include_merged"]:
+        files["merged"] = f"results/{run}/merged"
+    return files

@@ -1,0 +1,583 @@
+"""Publishing a run to the Hugging Face Hub with huggingface_hub's HfApi.
+
+`publish` creates the repo (private by default; an existing public repo is refused when
+privacy is asked for), commits the adapter, the model card, plots and optionally the merged
+model in one commit, checks that every file arrived with the same content, and returns what
+it did for upload.json. Rerunning it is safe: files already on the hub with the same content
+are not committed again, so a rerun after a failure finishes the job without duplicates.
+
+`CheckpointPusher` / `every_save_callback` push each checkpoint while training
+(hub.strategy: every_save), with the same token, privacy and retry rules.
+
+The token comes only from HF_TOKEN or the hub's login cache (huggingface_hub.get_token()). It
+is handed to HfApi and nowhere else: not to a file, a log line or an error message.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from . import model_card
+from .config import ConfigError
+from .errors import UserError
+from .io import read_json, write_json
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+# Records of the local run (local paths, timings), not part of the published model; README.md
+# is replaced by the generated card.
+LOCAL_ONLY = {"conversion.json", "README.md"}
+PLOT_SUFFIXES = (".png", ".svg")
+
+
+class HubError(UserError):
+    """Publishing failed; the message says why in one line."""
+
+
+class HubAuthError(HubError):
+    """No token, or the hub rejected it (401) or refused it write access (403)."""
+
+
+class HubServerError(HubError):
+    """The hub kept answering 5xx / 429 after every retry."""
+
+
+class HubUnreachableError(HubError):
+    """No connection to the endpoint (or offline mode)."""
+
+
+class HubPrivacyError(HubError):
+    """The repo exists and is public while hub.private is true."""
+
+
+class HubIntegrityError(HubError):
+    """A file on the hub differs from the local one after the commit."""
+
+
+# --- settings --------------------------------------------------------------------------
+
+
+def check_runs(runs):
+    """Names of the runs to publish; a run with hub.push but no repo_id, or two runs sharing a
+    repo (they would overwrite each other), is a config error."""
+    pushed, owner = [], {}
+    for name, settings in runs.items():
+        hub = settings["hub"]
+        if not hub["push"]:
+            continue
+        repo = hub["repo_id"]
+        if not repo:
+            raise ConfigError(f"config error at 'runs.{name}.hub.repo_id': hub.push is true but no repo_id is set")
+        if repo in owner:
+            raise ConfigError(
+                f"config error at 'runs.{name}.hub.repo_id': {repo} is also the repo of run '{owner[repo]}';"
+                " give each run its own repo"
+            )
+        owner[repo] = name
+        pushed.append(name)
+    return pushed
+
+
+def resolve_endpoint(hub):
+    """hub.endpoint, else HF_ENDPOINT, else the public hub."""
+    return (hub.get("endpoint") or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def shown_endpoint(endpoint):
+    """The endpoint without any user:password part, for logs and records."""
+    parts = urlsplit(endpoint)
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def resolve_token():
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise HubAuthError(
+            "no Hugging Face token: set HF_TOKEN or log in with `hf auth login` (the token is read from nowhere else)"
+        )
+    return token
+
+
+def token_source():
+    """Where a token would come from, without reading it (for dry runs)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"):
+        return "HF_TOKEN"
+    if Path(constants.HF_TOKEN_PATH).is_file():
+        return "login cache"
+    return None
+
+
+def _api(endpoint, token):
+    from huggingface_hub import HfApi
+
+    _use_timeouts()
+    return HfApi(endpoint=endpoint, token=token)
+
+
+_TIMEOUTS_SET = False
+
+
+def _use_timeouts():
+    """huggingface_hub's client waits forever by default; a silent endpoint must fail instead."""
+    global _TIMEOUTS_SET
+    if _TIMEOUTS_SET:
+        return
+    import httpx2
+    from huggingface_hub.utils import _http
+
+    def factory():
+        client = _http.default_client_factory()
+        client.timeout = httpx2.Timeout(600.0, connect=30.0)
+        return client
+
+    _http.set_client_factory(factory)
+    _TIMEOUTS_SET = True
+
+
+# --- what is uploaded ------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    """One file of the commit: a local file or generated bytes, with its size and sha256."""
+
+    path_in_repo: str
+    size: int
+    sha256: str
+    source: str | None = None
+    data: bytes | None = None
+
+    def payload(self):
+        return self.data if self.data is not None else self.source
+
+    def content(self):
+        return self.data if self.data is not None else Path(self.source).read_bytes()
+
+
+def file_item(path_in_repo, path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return Item(path_in_repo, Path(path).stat().st_size, digest.hexdigest(), source=str(path))
+
+
+def bytes_item(path_in_repo, data):
+    return Item(path_in_repo, len(data), hashlib.sha256(data).hexdigest(), data=data)
+
+
+def _files(directory):
+    directory = Path(directory)
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_file() and not any(part.startswith(".") for part in rel.split("/")):
+            yield rel, path
+
+
+def adapter_items(adapter_dir, base_model=None):
+    """The adapter directory's files, at the repo root. adapter_config.json points at the base
+    model's hub id when one is known (a local base model path means nothing to others)."""
+    items = []
+    for rel, path in _files(adapter_dir):
+        if rel in LOCAL_ONLY:
+            continue
+        if rel == "adapter_config.json" and base_model:
+            config = read_json(path)
+            if config.get("base_model_name_or_path") != base_model:
+                config["base_model_name_or_path"] = base_model
+                items.append(bytes_item(rel, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()))
+                continue
+        items.append(file_item(rel, path))
+    return items
+
+
+def plot_files(eval_dir):
+    eval_dir = Path(eval_dir)
+    return sorted(p for p in eval_dir.iterdir() if p.suffix in PLOT_SUFFIXES and p.is_file()) if eval_dir.is_dir() else []
+
+
+def _human(size):
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+
+
+def _write_text(path, text):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --- errors and retries ----------------------------------------------------------------
+
+
+def _scrub(text, token):
+    return text.replace(token, "***") if token else text
+
+
+def classify(err, endpoint, repo_id):
+    """(a HubError saying what went wrong in one line, whether retrying may help), or
+    (None, False) for an error that is not about the hub."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(err, OfflineModeIsEnabled):
+        return HubUnreachableError("HF_HUB_OFFLINE is set: unset it to publish (hub.dry_run: true needs no network)"), False
+    response = getattr(err, "response", None)
+    if isinstance(err, HfHubHTTPError) and response is not None:
+        status = response.status_code
+        reason = f"HTTP {status} {response.reason_phrase}".strip()
+        if status == 401:
+            return HubAuthError(
+                f"the hub at {endpoint} rejected the token ({reason}): set HF_TOKEN or run `hf auth login` with a valid token"
+            ), False
+        if status == 403:
+            return HubAuthError(
+                f"the token may not write to {repo_id} at {endpoint} ({reason}): it needs write access to "
+                f"'{repo_id.split('/')[0]}'"
+            ), False
+        if status in RETRY_STATUS:
+            return HubServerError(f"the hub at {endpoint} failed ({reason})"), True
+        detail = (getattr(err, "server_message", None) or "").strip().splitlines()
+        return HubError(
+            f"the hub at {endpoint} refused the upload to {repo_id} ({reason})" + (f": {detail[0]}" if detail else "")
+        ), False
+    if isinstance(err, httpx2.TransportError):
+        return HubUnreachableError(f"cannot reach the hub at {endpoint}: {type(err).__name__}: {err}".rstrip(": ")), True
+    return None, False
+
+
+def with_retries(action, *, hub, endpoint, repo_id, token, log=print):
+    """Run `action` (which must be safe to repeat), retrying server errors and network
+    failures with exponential backoff; raise a one-line HubError when it cannot succeed."""
+    attempts = hub["retries"] + 1
+    shown = shown_endpoint(endpoint)
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except HubError:
+            raise
+        except Exception as err:
+            error, retry = classify(err, shown, repo_id)
+            if error is None:
+                raise
+            message = _scrub(str(error), token)
+            log(f"hub error detail: {_scrub(str(err), token)}")
+            if retry and attempt < attempts:
+                wait = hub["retry_backoff"] * 2 ** (attempt - 1)
+                log(f"{message} (attempt {attempt} of {attempts}); retrying in {wait:g} s")
+                time.sleep(wait)
+                continue
+            if retry and attempts > 1:
+                message += f", {attempts} attempts"
+            raise type(error)(message) from None
+
+
+# --- the hub side ----------------------------------------------------------------------
+
+
+def ensure_repo(api, repo_id, private, log=print):
+    """Create the repo if needed and make sure its visibility is acceptable; returns its info."""
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.repo_info(repo_id)
+    if private and info.private is not True:
+        raise HubPrivacyError(
+            f"{repo_id} exists and is not private, but hub.private is true: refusing to upload"
+            " (make the repo private on the hub, or set hub.private: false)"
+        )
+    if not private and info.private:
+        log(f"note: {repo_id} is private; hub.private: false does not make an existing repo public")
+    return info
+
+
+def verify(api, repo_id, revision, items):
+    """Every item is on the hub at `revision` with the same size and content hash (sha256 for
+    LFS files, the git blob id for regular ones)."""
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils.sha import git_hash
+
+    remote = {f.path: f for f in api.list_repo_tree(repo_id, recursive=True, revision=revision) if isinstance(f, RepoFile)}
+    for item in items:
+        found = remote.get(item.path_in_repo)
+        if found is None:
+            raise HubIntegrityError(f"{item.path_in_repo} is missing from {repo_id} at {revision} after the commit")
+        same = found.size == item.size and (
+            found.lfs.sha256 == item.sha256 if found.lfs else found.blob_id == git_hash(item.content())
+        )
+        if not same:
+            raise HubIntegrityError(f"{item.path_in_repo} on the hub differs from the local file after the commit")
+    return sorted(set(remote) - {i.path_in_repo for i in items})
+
+
+def commit_items(api, repo_id, private, items, message, description="", log=print):
+    """One attempt: repo, commit (unchanged files are skipped by the hub client), check."""
+    from huggingface_hub import CommitOperationAdd
+
+    info = ensure_repo(api, repo_id, private, log=log)
+    operations = [CommitOperationAdd(path_in_repo=i.path_in_repo, path_or_fileobj=i.payload()) for i in items]
+    commit = api.create_commit(repo_id, operations, commit_message=message, commit_description=description)
+    changed = commit.oid != info.sha
+    log(f"{'committed' if changed else 'already up to date at'} {commit.oid}")
+    others = verify(api, repo_id, commit.oid, items)
+    return {
+        "commit": commit.oid,
+        "commit_url": commit.commit_url,
+        "changed": changed,
+        "private": bool(info.private),
+        "other_files_in_repo": others,
+    }
+
+
+# --- publishing a finished run ---------------------------------------------------------
+
+
+def publish(settings, *, run, adapter_dir, metrics, out_dir, train_done=None, merged_dir=None, log=print):
+    """Publish a run; write out_dir/README.md (the card) and out_dir/upload.json (the record)."""
+    hub = settings["hub"]
+    repo_id = hub["repo_id"]
+    if not (hub["push"] and repo_id):
+        raise HubError(f"run {run}: publishing needs hub.push: true and a hub.repo_id")
+    endpoint = resolve_endpoint(hub)
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    done = read_json(train_done) if train_done else {}
+    conversion = read_json(adapter_dir / "conversion.json") if (adapter_dir / "conversion.json").is_file() else None
+
+    items = adapter_items(adapter_dir, model_card.base_model_id(settings))
+    plots = plot_files(Path(metrics).parent)
+    items += [file_item(f"plots/{p.name}", p) for p in plots]
+    if merged_dir:
+        items += [file_item(f"merged/{rel}", path) for rel, path in _files(merged_dir)]
+    card = model_card.render(
+        run=run,
+        settings=settings,
+        repo_id=repo_id,
+        metrics=read_json(metrics),
+        done=done,
+        conversion=conversion,
+        versions=done.get("versions"),
+        plots=[f"plots/{p.name}" for p in plots],
+        include_merged=bool(merged_dir),
+    )
+    _write_text(out_dir / "README.md", card)
+    items.insert(0, file_item("README.md", out_dir / "README.md"))
+
+    url = f"{shown_endpoint(endpoint)}/{repo_id}"
+    total = sum(i.size for i in items)
+    log(f"{'would upload' if hub['dry_run'] else 'uploading'} {len(items)} files ({_human(total)}) to {url}"
+        f" ({'private' if hub['private'] else 'public'} repo)")
+    for item in items:
+        log(f"  {item.path_in_repo}  {_human(item.size)}  sha256:{item.sha256}")
+    record = {
+        "run": run,
+        "repo_id": repo_id,
+        "url": url,
+        "endpoint": shown_endpoint(endpoint),
+        "private_requested": hub["private"],
+        "dry_run": hub["dry_run"],
+        "files": {i.path_in_repo: {"size": i.size, "sha256": i.sha256} for i in items},
+    }
+    if hub["dry_run"]:
+        source = token_source()
+        log(f"dry run: nothing sent; a token would come from {source}" if source else
+            "dry run: nothing sent; no token found (set HF_TOKEN or run `hf auth login` before publishing)")
+        write_json(out_dir / "upload.json", record)
+        return record
+
+    token = resolve_token()
+    api = _api(endpoint, token)
+    message = hub["commit_message"] or f"shardtune run {run}: adapter at step {done.get('global_step', '?')}"
+    result = with_retries(
+        lambda: commit_items(api, repo_id, hub["private"], items, message, f"Published by shardtune (run `{run}`).", log),
+        hub=hub,
+        endpoint=endpoint,
+        repo_id=repo_id,
+        token=token,
+        log=log,
+    )
+    record.update(result)
+    write_json(out_dir / "upload.json", record)
+    log(f"published {url} at {result['commit']}")
+    return record
+
+
+# --- pushing checkpoints while training (hub.strategy: every_save) ---------------------
+
+
+def checkpoint_adapter(checkpoint, adapter_config, out_dir):
+    """A sharded FSDP checkpoint's LoRA weights as an adapter directory, on this process alone
+    (accelerate's merge_fsdp_weights waits for every rank, which would hang a rank-0 callback)."""
+    import torch
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(Path(checkpoint) / "pytorch_model_fsdp_0"), f"{tmp}/state.pt")
+        state = torch.load(f"{tmp}/state.pt", weights_only=True)
+    if len(state) == 1 and isinstance(next(iter(state.values())), dict):
+        state = next(iter(state.values()))
+    # The same key mapping as convert.adapter_state: PEFT saves without the adapter name.
+    state = {key.replace(".default.", "."): tensor.contiguous() for key, tensor in state.items()}
+    save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(adapter_config, out_dir / "adapter_config.json")
+    trainer_state = Path(checkpoint) / "trainer_state.json"
+    if trainer_state.is_file():
+        shutil.copy(trainer_state, out_dir / "trainer_state.json")
+    return out_dir
+
+
+class CheckpointPusher:
+    """Pushes every saved checkpoint to the run's repo while training, as a loadable adapter at
+    the repo root (what the Trainer's hub_strategy every_save does). Main process only.
+
+    `start` checks the token, the repo and its privacy before training. `push` converts the
+    checkpoint right away (it may be rotated away later) and commits it in a background
+    thread, so training goes on; while a commit is running only the newest waiting checkpoint
+    is kept. `finish` waits for the last commit. A failed push is logged, not fatal: the
+    push_to_hub step publishes the final adapter anyway.
+    """
+
+    def __init__(self, settings, train_dir, *, run="run", log=print):
+        self.settings, self.hub = settings, settings["hub"]
+        self.train_dir, self.run, self.log = Path(train_dir), run, log
+        self.endpoint = resolve_endpoint(self.hub)
+        self.api = self.token = None
+        self.pushed, self.failed = [], []
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
+        self._running = None
+        self._waiting = None
+
+    def start(self):
+        if self.api is not None:
+            return
+        self.token = resolve_token()
+        self.api = _api(self.endpoint, self.token)
+        with_retries(
+            lambda: ensure_repo(self.api, self.hub["repo_id"], self.hub["private"], self.log),
+            hub=self.hub,
+            endpoint=self.endpoint,
+            repo_id=self.hub["repo_id"],
+            token=self.token,
+            log=self.log,
+        )
+        self.log(f"every_save: pushing checkpoints to {shown_endpoint(self.endpoint)}/{self.hub['repo_id']}")
+
+    def stage(self, checkpoint, step, tokenizer=None):
+        """The files to push for a checkpoint, in a temporary directory."""
+        staging = Path(tempfile.mkdtemp(prefix=f"shardtune-push-{step}-"))
+        try:
+            checkpoint_adapter(checkpoint, self.train_dir / "adapter_config" / "adapter_config.json", staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            base = model_card.base_model_id(self.settings)
+            items = adapter_items(staging, base)
+            card = model_card.render(
+                run=self.run,
+                settings=self.settings,
+                repo_id=self.hub["repo_id"],
+                done={"global_step": step},
+                status=f"Training in progress: checkpoint of step {step}, pushed while training"
+                " (not yet converted and checked by the final publishing step).",
+            )
+            items.insert(0, bytes_item("README.md", card.encode()))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return staging, step, items
+
+    def push(self, checkpoint, step, tokenizer=None):
+        self.start()
+        staged = self.stage(checkpoint, step, tokenizer)
+        with self._lock:
+            if self._running is not None and not self._running.done():
+                if self._waiting is not None:
+                    self.log(f"every_save: step {self._waiting[1]} superseded by step {step} before it was pushed")
+                    shutil.rmtree(self._waiting[0], ignore_errors=True)
+                self._waiting = staged
+                return
+            self._running = self._executor.submit(self._commit, *staged)
+
+    def _commit(self, staging, step, items):
+        try:
+            message = f"shardtune run {self.run}: training in progress, step {step}"
+            with_retries(
+                lambda: commit_items(self.api, self.hub["repo_id"], self.hub["private"], items, message, log=self.log),
+                hub=self.hub,
+                endpoint=self.endpoint,
+                repo_id=self.hub["repo_id"],
+                token=self.token,
+                log=self.log,
+            )
+            self.pushed.append(step)
+            self.log(f"every_save: pushed step {step}")
+        except Exception as err:
+            self.failed.append(step)
+            message = str(err) if isinstance(err, HubError) else f"{type(err).__name__}: {err}"
+            self.log(f"every_save: pushing step {step} failed: {_scrub(message, self.token)}")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            with self._lock:
+                nxt, self._waiting = self._waiting, None
+                self._running = self._executor.submit(self._commit, *nxt) if nxt else None
+
+    def finish(self):
+        while True:
+            with self._lock:
+                running = self._running
+            if running is None:
+                break
+            running.result()
+            with self._lock:
+                if self._running is running:
+                    self._running = None
+        self._executor.shutdown(wait=True)
+        return {"pushed": self.pushed, "failed": self.failed}
+
+
+def every_save_callback(settings, train_dir, *, run="run", log=print):
+    """A transformers TrainerCallback pushing checkpoints when hub.push and hub.strategy:
+    every_save are set, else None. Put it after MarkCompleteCheckpoints in the callbacks, so
+    that a checkpoint is complete on every rank before it is pushed."""
+    hub = settings["hub"]
+    if not (hub["push"] and hub["strategy"] == "every_save"):
+        return None
+    from transformers import TrainerCallback
+
+    pusher = CheckpointPusher(settings, train_dir, run=run, log=log)
+
+    class PushCheckpoints(TrainerCallback):
+        def __init__(self):
+            self.pusher = pusher
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                pusher.start()
+
+        def on_save(self, args, state, control, processing_class=None, **kwargs):
+            if state.is_world_process_zero:
+                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                pusher.push(checkpoint, state.global_step, processing_class)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                pusher.finish()
+
+    return PushCheckpoints()
