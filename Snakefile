@@ -17,6 +17,7 @@ RUNS = validated_runs(config)
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/accelerate.smk"
+include: "workflow/rules/memory.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/convert.smk"
 include: "workflow/rules/evaluate.smk"

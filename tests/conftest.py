@@ -47,8 +47,8 @@ def snakemake(workdir, *args, check=True, timeout=900, env=None):
     return result
 
 
-def default_config():
-    return yaml.safe_load((REPO / "config.yaml").read_text())
+def default_config(workdir=REPO):
+    return yaml.safe_load((Path(workdir) / "config.yaml").read_text())
 
 
 @pytest.fixture(scope="session")

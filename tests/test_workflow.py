@@ -96,8 +96,8 @@ def test_rerun_has_nothing_to_do(demo_run):
 
 
 def test_changing_a_training_setting_reruns_training_but_not_data(demo_run, tmp_path):
-    config = default_config()
-    config["training"]["learning_rate"] = 1.0e-3
+    config = default_config(demo_run)
+    config["runs"]["demo"]["training"]["learning_rate"] = 1.0e-3
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))
     jobs = jobs_in_dry_run(snakemake(demo_run, "-n", "--cores", "2", "--configfile", str(changed)).stdout)
@@ -106,7 +106,7 @@ def test_changing_a_training_setting_reruns_training_but_not_data(demo_run, tmp_
 
 
 def test_changing_a_data_setting_reruns_data_preparation(demo_run, tmp_path):
-    config = default_config()
+    config = default_config(demo_run)
     config["data"]["max_seq_len"] = 256
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))

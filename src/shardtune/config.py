@@ -12,7 +12,7 @@ import yaml
 from .errors import UserError
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
-SECTIONS = ("dataset", "model", "data", "lora", "quantization", "fsdp", "training", "evaluate", "hub")
+SECTIONS = ("dataset", "model", "data", "lora", "quantization", "fsdp", "training", "evaluate", "hub", "memory")
 
 
 class ConfigError(UserError):
@@ -78,7 +78,9 @@ def resolve_runs(config, schema=None):
     for name, override in config["runs"].items():
         settings = validate(deep_merge(defaults, override), run_schema, prefix=("runs", name))
         check_combinations(settings, prefix=f"runs.{name}")
-        runs[name] = settings
+        # Canonical key order: Snakemake compares params by their repr, so the order keys
+        # were written in must not make a rule look changed.
+        runs[name] = json.loads(json.dumps(settings, sort_keys=True))
     return runs
 
 

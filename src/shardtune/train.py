@@ -28,7 +28,8 @@ from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from .checkpoints import MarkCompleteCheckpoints, SaveAtEnd, latest_complete, remove_incomplete  # noqa: E402
-from .io import write_json  # noqa: E402
+from .io import read_json, write_json  # noqa: E402
+from .memory import check_fits, format_report  # noqa: E402
 from .modeling import load_base_model, packed_position_ids  # noqa: E402
 
 def attention_implementation(requested):
@@ -147,6 +148,25 @@ def fingerprint(settings, data_dir):
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
+def check_device_memory(report, log):
+    """Print the pre-flight estimate; on a GPU with no declared size, check the real card."""
+    log(format_report(report))
+    declared = report["declared"]
+    if torch.cuda.is_available() and declared["device_gib"] is None:
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+        for problem in check_fits(report, total, None, declared["force"]):
+            log(f"warning (memory.force): {problem}")
+
+
+def peak_memory_gib():
+    """This process's peak: the GPU's reserved memory, or the resident set on CPU."""
+    import resource
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_reserved() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def probe_batch(test):
     """A fixed input for checking conversion later: the first packed test row."""
     row = test[0]
@@ -157,13 +177,14 @@ def probe_batch(test):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--settings", required=True, help="resolved run settings (JSON)")
+    parser.add_argument("--settings", required=True, help="resolved run settings (JSON file)")
     parser.add_argument("--data", required=True, help="prepared data directory")
     parser.add_argument("--model", required=True, help="fetched model directory")
     parser.add_argument("--output", required=True, help="training directory (checkpoints)")
     parser.add_argument("--done", required=True, help="JSON written when training is complete")
+    parser.add_argument("--memory", help="pre-flight memory estimate (JSON) to print and check")
     args = parser.parse_args(argv)
-    settings = json.loads(args.settings)
+    settings = read_json(args.settings)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -188,6 +209,9 @@ def main(argv=None):
         remove_incomplete(out, log=log)
         stamp_file.write_text(stamp + "\n")
     state.wait_for_everyone()
+
+    if args.memory:
+        check_device_memory(read_json(args.memory), log)
 
     data = datasets.load_from_disk(str(Path(args.data) / "data"))
     tokenizer = AutoTokenizer.from_pretrained(Path(args.data) / "tokenizer")
@@ -225,6 +249,8 @@ def main(argv=None):
         logits = model(
             input_ids=ids.to(trainer.args.device), position_ids=positions.to(trainer.args.device), use_cache=False
         ).logits
+    peaks = [None] * state.num_processes
+    torch.distributed.all_gather_object(peaks, peak_memory_gib())
     last = latest_complete(out)
     if is_main:
         save_file(
@@ -244,6 +270,7 @@ def main(argv=None):
                 "train_loss": result.training_loss,
                 "metrics": result.metrics,
                 "resumed_from": str(resume) if resume else None,
+                "peak_memory_gib_per_rank": peaks,
                 "fingerprint": stamp,
             },
         )

@@ -18,7 +18,9 @@ def validated_runs(config):
     # names its runs means those runs only, so they replace the default's.
     cli_runs = {}
     for path in workflow.overwrite_configfiles:
-        cli_runs |= (stconfig.yaml.safe_load(Path(path).read_text()) or {}).get("runs") or {}
+        cli_runs |= (stconfig.yaml.safe_load(Path(path).read_text()) or {}).get(
+            "runs"
+        ) or {}
     if cli_runs:
         config = {**config, "runs": cli_runs}
     try:
@@ -54,6 +56,10 @@ def prepared_inputs(wildcards):
     }
 
 
+def run_model(wildcards):
+    return f"resources/models/{stconfig.model_key(RUNS[wildcards.run])}"
+
+
 def run_inputs(wildcards):
     """Model and prepared data of a run."""
     s = RUNS[wildcards.run]
@@ -71,15 +77,6 @@ def settings_of(*sections):
         return {name: RUNS[wildcards.run][name] for name in sections}
 
     return settings
-
-
-def train_settings_json(wildcards):
-    import json
-
-    s = RUNS[wildcards.run]
-    return json.dumps(
-        {k: s[k] for k in ("model", "data", "lora", "quantization", "fsdp", "training")}
-    )
 
 
 def run_outputs(stage):

@@ -1,9 +1,28 @@
+# What training depends on, as a file: changing any of it reruns training (and what
+# follows); changing evaluation or publishing settings does not.
+rule write_train_settings:
+    output:
+        "results/{run}/train_settings.json",
+    log:
+        "logs/write_train_settings/{run}.log",
+    conda:
+        "../../envs/train.yaml"
+    params:
+        settings=settings_of(
+            "model", "data", "lora", "quantization", "fsdp", "training"
+        ),
+    script:
+        "../scripts/write_train_settings.py"
+
+
 # Checkpoints live in results/{run}/train/ but only done.json is the rule's output, so
 # Snakemake never deletes them: a rerun after a kill resumes from the last complete one.
 rule fsdp_train:
     input:
         unpack(run_inputs),
         accelerate="results/{run}/accelerate.yaml",
+        memory="results/{run}/memory.json",
+        settings="results/{run}/train_settings.json",
     output:
         "results/{run}/train/done.json",
     log:
@@ -14,9 +33,8 @@ rule fsdp_train:
         "../../envs/train.yaml"
     threads: 2
     params:
-        settings=train_settings_json,
         train_dir=subpath(output[0], parent=True),
     shell:
         "accelerate launch --config_file {input.accelerate} -m shardtune.train"
-        " --settings {params.settings:q} --data {input.data} --model {input.model}"
-        " --output {params.train_dir} --done {output} > {log} 2>&1"
+        " --settings {input.settings} --data {input.data} --model {input.model}"
+        " --output {params.train_dir} --done {output} --memory {input.memory} > {log} 2>&1"

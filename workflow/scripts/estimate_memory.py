@@ -1,0 +1,7 @@
+from shardtune.io import job
+
+with job(snakemake.log[0]) as log:
+    from shardtune.memory import preflight
+
+    i = snakemake.input
+    preflight(i.model, i.accelerate, snakemake.params.settings, snakemake.output[0], log=log)
