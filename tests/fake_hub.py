@@ -32,7 +32,7 @@ def git_blob_id(data):
 class Repo:
     repo_id: str
     private: bool
-    # oldest first: (commit id, message, {path: bytes})
+    # oldest first: (commit id, message, {path: bytes}, [paths sent in that commit])
     commits: list = field(default_factory=list)
 
     @property
@@ -46,7 +46,7 @@ class Repo:
     def at(self, revision):
         if revision in ("main", self.sha):
             return self.files
-        for oid, _, files in self.commits:
+        for oid, _, files, _ in self.commits:
             if oid == revision:
                 return files
         return None
@@ -164,6 +164,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub.requests.append((method, split.path))
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        auth = self.headers.get("Authorization", "")
+        if auth.startswith("Bearer ") and auth[7:] not in self.hub.tokens | self.hub.read_only:
+            # like the hub: a bad token fails every call, even one that needs no token
+            return self._send(*_error(401, "Invalid credentials in Authorization header"))
         with self.hub.lock:
             fault = next(
                 (f for f in self.hub.faults if f.times > 0 and f.method == method and re.search(f.pattern, split.path)),
@@ -254,7 +258,7 @@ class _Handler(BaseHTTPRequestHandler):
         found, denied = self._repo(repo, write=True)
         if denied:
             return denied
-        files, message = dict(found.files), ""
+        files, message, sent = dict(found.files), "", []
         for line in body.decode().splitlines():
             item = json.loads(line)
             key, value = item["key"], item["value"]
@@ -262,6 +266,7 @@ class _Handler(BaseHTTPRequestHandler):
                 message = value["summary"]
             elif key == "file":
                 files[value["path"]] = base64.b64decode(value["content"])
+                sent.append(value["path"])
             elif key == "deletedFile":
                 files.pop(value["path"], None)
             elif key == "deletedFolder":
@@ -270,7 +275,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 return 400, {"error": f"fake hub: {key} is not supported (regular files only)"}, None
         oid = hashlib.sha1(f"{found.sha}\n{message}\n{len(found.commits)}".encode()).hexdigest()
-        found.commits.append((oid, message, files))
+        found.commits.append((oid, message, files, sent))
         return 200, {"commitUrl": f"{self.hub.url}/{repo}/commit/{oid}", "commitOid": oid, "success": True}, None
 
     def tree(self, body, query, repo, rev, sub=""):

@@ -294,8 +294,15 @@ def with_retries(action, *, hub, endpoint, repo_id, token, log=print):
 
 def ensure_repo(api, repo_id, private, log=print):
     """Create the repo if needed and make sure its visibility is acceptable; returns its info."""
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.repo_info(repo_id)
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    # Look first: for an existing repo and a token that may not create repos, create_repo's
+    # fallback builds a URL that huggingface_hub 2.4 rejects on a non-default endpoint.
+    try:
+        info = api.repo_info(repo_id)
+    except RepositoryNotFoundError:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.repo_info(repo_id)
     if private and info.private is not True:
         raise HubPrivacyError(
             f"{repo_id} exists and is not private, but hub.private is true: refusing to upload"
@@ -332,13 +339,13 @@ def commit_items(api, repo_id, private, items, message, description="", log=prin
     info = ensure_repo(api, repo_id, private, log=log)
     operations = [CommitOperationAdd(path_in_repo=i.path_in_repo, path_or_fileobj=i.payload()) for i in items]
     commit = api.create_commit(repo_id, operations, commit_message=message, commit_description=description)
-    changed = commit.oid != info.sha
-    log(f"{'committed' if changed else 'already up to date at'} {commit.oid}")
+    new_commit = commit.oid != info.sha
+    log(f"{'committed' if new_commit else 'nothing new to commit: the hub already has these files at'} {commit.oid}")
     others = verify(api, repo_id, commit.oid, items)
     return {
         "commit": commit.oid,
         "commit_url": commit.commit_url,
-        "changed": changed,
+        "new_commit": new_commit,
         "private": bool(info.private),
         "other_files_in_repo": others,
     }
@@ -358,7 +365,13 @@ def publish(settings, *, run, adapter_dir, metrics, out_dir, train_done=None, me
     done = read_json(train_done) if train_done else {}
     conversion = read_json(adapter_dir / "conversion.json") if (adapter_dir / "conversion.json").is_file() else None
 
-    items = adapter_items(adapter_dir, model_card.base_model_id(settings))
+    base_model = model_card.base_model_id(settings)
+    items = adapter_items(adapter_dir, base_model)
+    if not base_model:
+        log(
+            "note: the base model is not on the hub, so adapter_config.json keeps its local path;"
+            " set hub.base_model to the base model's hub id if there is one"
+        )
     plots = plot_files(Path(metrics).parent)
     items += [file_item(f"plots/{p.name}", p) for p in plots]
     if merged_dir:
