@@ -218,6 +218,8 @@ def main(argv=None):
     attn, why = attention_implementation(settings["model"]["attn_implementation"])
     log(f"attention: {attn} ({why})")
     model = load_base_model(args.model, settings, len(tokenizer), attn=attn)
+    quantized = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
+    log(f"base model: {model.num_parameters()} parameters in {model.dtype}, 4-bit linear layers: {quantized}")
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     config = sft_config(settings, out)
