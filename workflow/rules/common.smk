@@ -117,3 +117,27 @@ def hub_inputs(wildcards):
     if RUNS[run]["hub"]["include_merged"]:
         files["merged"] = f"results/{run}/merged"
     return files
+
+
+def job_resources(rule):
+    """Resources of `rule` from each run's `resources.<rule>` (see shardtune.launch), one
+    function per resource so that every run's job asks for its own."""
+    from shardtune import launch as stlaunch
+
+    for name, s in RUNS.items():
+        try:
+            stlaunch.check_resources(
+                s["resources"][rule], s["fsdp"], f"runs.{name}.resources.{rule}"
+            )
+        except stlaunch.LaunchError as err:
+            raise WorkflowError(str(err)) from None
+
+    def resource(key):
+        def value(wildcards, threads):
+            settings = RUNS[wildcards.run]["resources"][rule]
+            return stlaunch.job_resources(settings, threads)[key]
+
+        return value
+
+    example = next(iter(RUNS.values()))["resources"][rule]
+    return {key: resource(key) for key in stlaunch.job_resources(example, 1)}

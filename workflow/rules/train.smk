@@ -32,9 +32,12 @@ rule fsdp_train:
     conda:
         "../../envs/train.yaml"
     threads: 2
+    resources:
+        **job_resources("fsdp_train"),
     params:
         train_dir=subpath(output[0], parent=True),
     shell:
-        "accelerate launch --config_file {input.accelerate} -m shardtune.train"
-        " --settings {input.settings} --data {input.data} --model {input.model}"
+        "python -m shardtune.launch --config-file {input.accelerate} --nodes {resources.nodes}"
+        " --gpus-per-node {resources.gpus_per_node} --cpus-per-task {resources.cpus_per_task}"
+        " -- -m shardtune.train --settings {input.settings} --data {input.data} --model {input.model}"
         " --output {params.train_dir} --done {output} --memory {input.memory} > {log} 2>&1"

@@ -1,0 +1,294 @@
+"""Starts training inside one job allocation: `accelerate launch` per node, sized by what the
+allocation really has.
+
+One node: `accelerate launch` over the GPUs CUDA sees (or CPU ranks on a CPU-only job).
+Several nodes (`resources.fsdp_train.nodes: K`, inside a SLURM allocation): `srun` starts
+one task per node, and each task runs this module again with `--node-task`; it launches
+Accelerate with its machine rank (SLURM_PROCID) and the allocation's first node as the main
+process. Either way, the run's Accelerate config is copied with the machine-dependent keys
+(num_processes, num_machines, machine_rank, main process, use_cpu) set from the allocation,
+and the copy is printed to the log: what each node saw and used is on record.
+
+    python -m shardtune.launch --config-file results/RUN/accelerate.yaml --nodes 1 \\
+        --gpus-per-node 8 --cpus-per-task 64 -- -m shardtune.train --settings FILE ...
+
+The run settings (a JSON file) are those of the entry point's own `--settings` argument.
+"""
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+from .accelerate_config import resolve_num_processes
+from .errors import UserError
+
+# Set where a job's GPUs are fake (a test cluster's gres without devices): train on CPU ranks.
+ALLOW_CPU_ENV = "SHARDTUNE_ALLOW_CPU_TRAINING"
+DEFAULT_PORT = 29500
+
+
+class LaunchError(UserError):
+    """The allocation does not match what the run asked for."""
+
+
+# --- resources: from the config's resources.<rule> to Snakemake resources -------------------
+
+
+def gres_gpus(gres):
+    """GPUs per node in a gres string ('gpu', 'gpu:8', 'gpu:h100:8', 'nvme:1,gpu:4'), else 0."""
+    count = 0
+    for item in (gres or "").split(","):
+        parts = item.strip().split(":")
+        if parts[0] == "gpu":
+            count += int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+    return count
+
+
+def gpus_per_node(res):
+    return gres_gpus(res["gres"]) or res["gpu"]
+
+
+def check_resources(res, fsdp, prefix):
+    """Reject resources that cannot work, naming the key (prefix: e.g. runs.demo.resources.fsdp_train)."""
+
+    def fail(key, message):
+        raise LaunchError(f"config error at '{prefix}.{key}': {message}")
+
+    if fsdp["num_machines"] not in (1, res["nodes"]):
+        fail("nodes", f"must equal fsdp.num_machines ({fsdp['num_machines']}): the job starts one machine per node")
+
+    if res["gres"] and gres_gpus(res["gres"]) and res["gpu"]:
+        fail("gpu", "give the GPUs either as gpu (with gpu_model) or inside gres, not both")
+    if res["gpu_model"] and not res["gpu"]:
+        fail("gpu_model", "needs gpu (the number of GPUs per node)")
+    if res["gpu_model"] and res["gres"] and gres_gpus(res["gres"]):
+        fail("gpu_model", "put the model inside gres (gpu:MODEL:N) when gres is used")
+
+
+def job_resources(res, threads):
+    """Snakemake resources (as the SLURM executor plugin reads them) for one job; None = unset.
+
+    GPUs are per node: one node asks `--gpus=[MODEL:]N`, several nodes `--gres=gpu:[MODEL:]N`
+    (per node, where `--gpus` would be a total). Several nodes make an `mpi` job of one task
+    per node, which the plugin starts without wrapping it in srun: `main()` calls srun itself.
+    """
+    nodes, gpus = res["nodes"], res["gpu"]
+    gres = res["gres"]
+    if nodes > 1 and gpus and not gres:
+        gres = ":".join(["gpu", *([res["gpu_model"]] if res["gpu_model"] else []), str(gpus)])
+    one_node = nodes == 1 and not gres
+    return {
+        "nodes": nodes,
+        "gpus_per_node": gpus_per_node({**res, "gres": gres}),
+        "gpu": gpus if one_node and gpus else None,
+        "gpu_model": res["gpu_model"] if one_node else None,
+        "gres": gres,
+        "cpus_per_task": res["cpus_per_task"] or threads,
+        "mem_mb": res["mem_mb"],
+        "runtime": res["runtime"],
+        "slurm_partition": res["partition"],
+        "slurm_account": res["account"],
+        "constraint": res["constraint"],
+        "qos": res["qos"],
+        "slurm_extra": res["slurm_extra"],
+        "mpi": "srun" if nodes > 1 else None,
+        "tasks": nodes if nodes > 1 else None,
+        # the plugin would otherwise turn `tasks` of a GPU job into --ntasks-per-gpu
+        "tasks_per_gpu": 0 if nodes > 1 else None,
+    }
+
+
+# --- the allocation ---------------------------------------------------------------------------
+
+
+def expand_hostlist(nodelist):
+    """Host names of a SLURM node list such as 'gpu[07-08,10],login1' (what
+    `scontrol show hostnames` prints), without needing scontrol."""
+    hosts = []
+    for prefix, ranges, suffix in re.findall(r"([^,\[]+)(?:\[([^\]]*)\])?([^,\[]*)", nodelist):
+        if not ranges:
+            hosts.append(prefix + suffix)
+            continue
+        for part in ranges.split(","):
+            first, _, last = part.partition("-")
+            for number in range(int(first), int(last or first) + 1):
+                hosts.append(f"{prefix}{number:0{len(first)}d}{suffix}")
+    return hosts
+
+
+def first_host(nodelist):
+    """The allocation's first node, as `scontrol show hostnames "$SLURM_JOB_NODELIST" | head -1`
+    gives it (scontrol when there, the same expansion in Python otherwise)."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30
+            ).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return expand_hostlist(nodelist)[0]
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def job_port(env):
+    """A rendezvous port every node derives alike from the job id, so that two jobs sharing a
+    node do not collide."""
+    return DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 1000
+
+
+def cuda_device_count():
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def node_config(base, fsdp, nodes, declared_gpus, cuda_gpus, env):
+    """The run's Accelerate config with the machine-dependent keys set for this node.
+
+    `declared_gpus` is what the job asked for per node, `cuda_gpus` what CUDA sees here; env
+    holds the SLURM variables of this node's task (several nodes) or of the job.
+    """
+    if cuda_gpus:
+        if declared_gpus and cuda_gpus < declared_gpus:
+            raise LaunchError(
+                f"the job asked for {declared_gpus} GPU(s) per node but CUDA sees {cuda_gpus} on "
+                f"{socket.gethostname()} (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')})"
+            )
+        gpus = declared_gpus or cuda_gpus
+    else:
+        if declared_gpus and env.get(ALLOW_CPU_ENV) != "1":
+            raise LaunchError(
+                f"the job asked for {declared_gpus} GPU(s) per node and got "
+                f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')}, but CUDA sees none on "
+                f"{socket.gethostname()}: is torch a CUDA build and the driver loaded? "
+                f"(set {ALLOW_CPU_ENV}=1 to train on CPU ranks instead, e.g. with fake test GPUs)"
+            )
+        gpus = 0
+    num_processes = resolve_num_processes({**fsdp, "num_machines": nodes}, gpus)
+    if num_processes % nodes:
+        raise LaunchError(f"fsdp.num_processes={num_processes} is not a multiple of the {nodes} nodes")
+    if gpus and num_processes > gpus * nodes:
+        raise LaunchError(f"fsdp.num_processes={num_processes} exceeds the {gpus * nodes} GPU(s) of the allocation")
+
+    config = dict(base)
+    config.update(num_processes=num_processes, num_machines=nodes, use_cpu=gpus == 0)
+    if nodes > 1:
+        rank, node = int(env["SLURM_PROCID"]), int(env.get("SLURM_NODEID", env["SLURM_PROCID"]))
+        if rank != node:
+            raise LaunchError(f"task {rank} runs on node {node}: one task per node is needed")
+        nodelist = env.get("SLURM_JOB_NODELIST") or env["SLURM_STEP_NODELIST"]
+        config.update(
+            machine_rank=rank,
+            main_process_ip=fsdp["main_process_ip"] or first_host(nodelist),
+            main_process_port=fsdp["main_process_port"] or job_port(env),
+        )
+    else:
+        config.update(machine_rank=0, main_process_port=fsdp["main_process_port"] or free_port())
+    return config
+
+
+def srun_command(nodes, cpus_per_task, argv):
+    """The job's step: one task per node, each running this module with --node-task."""
+    return [
+        "srun",
+        f"--nodes={nodes}",
+        f"--ntasks={nodes}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={cpus_per_task}",
+        "--kill-on-bad-exit=1",
+        "--label",
+        sys.executable,
+        "-m",
+        "shardtune.launch",
+        "--node-task",
+        *argv,
+    ]
+
+
+def accelerate_command(config_path, script_args):
+    return ["accelerate", "launch", "--config_file", str(config_path), *script_args]
+
+
+def describe_node(env, cuda_gpus):
+    keys = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURM_GPUS_ON_NODE")
+    seen = " ".join(f"{k}={env[k]}" for k in keys if k in env)
+    return (
+        f"host {socket.gethostname()}: {seen} CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '<unset>')}"
+        f", CUDA sees {cuda_gpus} GPU(s)"
+    )
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m shardtune.launch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True, help="the run's Accelerate config (accelerate.yaml)")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs the job asked for per node")
+    parser.add_argument("--cpus-per-task", type=int, default=1, help="CPUs per node (for srun)")
+    parser.add_argument("--node-task", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("script", nargs=argparse.REMAINDER, help="-- then accelerate launch's script and its arguments")
+    args = parser.parse_args(argv)
+    args.script = args.script[1:] if args.script[:1] == ["--"] else args.script
+    if not args.script:
+        parser.error("missing the script to launch (after --)")
+    settings = argparse.ArgumentParser(add_help=False)
+    settings.add_argument("--settings", required=True)
+    with open(settings.parse_known_args(args.script)[0].settings) as handle:
+        args.settings = json.load(handle)
+    return args
+
+
+def main(argv=None, env=None):
+    argv = sys.argv[1:] if argv is None else argv
+    env = os.environ if env is None else env
+    args = parse_args(argv)
+    log = lambda message: print(f"launch: {message}", flush=True)  # noqa: E731
+
+    if args.nodes > 1 and not args.node_task:
+        if "SLURM_JOB_ID" not in env:
+            raise LaunchError(
+                f"resources.fsdp_train.nodes={args.nodes} needs a SLURM allocation (run with the SLURM profile)"
+            )
+        command = srun_command(args.nodes, args.cpus_per_task, argv)
+        log(f"starting one task per node on {args.nodes} nodes: {shlex.join(command)}")
+        os.execvp(command[0], command)
+
+    cuda_gpus = cuda_device_count()
+    log(describe_node(env, cuda_gpus))
+    base = yaml.safe_load(open(args.config_file))
+    config = node_config(base, args.settings["fsdp"], args.nodes, args.gpus_per_node, cuda_gpus, env)
+    fd, path = tempfile.mkstemp(prefix=f"accelerate-{env.get('SLURM_JOB_ID', 'local')}-", suffix=".yaml")
+    with os.fdopen(fd, "w") as handle:
+        yaml.safe_dump(config, handle, sort_keys=False)
+    command = accelerate_command(path, args.script)
+    log(
+        f"machine {config['machine_rank']} of {config['num_machines']}, {config['num_processes']} processes in all,"
+        f" use_cpu={config['use_cpu']}, main process {config.get('main_process_ip', 'localhost')}:"
+        f"{config['main_process_port']}; config {path}:\n"
+        + yaml.safe_dump(config, sort_keys=False)
+    )
+    log(shlex.join(command[:4]) + " ...")
+    os.execvp(command[0], command)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as err:
+        print(f"launch: error: {err}", file=sys.stderr)
+        sys.exit(1)

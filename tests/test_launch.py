@@ -1,0 +1,208 @@
+"""The training launch: resources from the config, and the per-node `accelerate launch` of a
+multi-node allocation, rendered from fake SLURM variables."""
+
+import json
+
+import pytest
+import yaml
+
+from shardtune import launch
+from shardtune.config import load_schema, validate
+
+SCHEMA = load_schema()
+
+
+def resources(**overrides):
+    return validate({"resources": {"fsdp_train": overrides}}, SCHEMA)["resources"]["fsdp_train"]
+
+
+def fsdp(**overrides):
+    return validate({"fsdp": overrides}, SCHEMA)["fsdp"]
+
+
+BASE = {"distributed_type": "FSDP", "num_processes": 2, "num_machines": 1, "machine_rank": 0, "use_cpu": True}
+
+
+@pytest.mark.parametrize(
+    "gres, gpus",
+    [(None, 0), ("gpu", 1), ("gpu:8", 8), ("gpu:h100:4", 4), ("nvme:1,gpu:a100:2", 2), ("nvme:1", 0)],
+)
+def test_gpus_in_gres(gres, gpus):
+    assert launch.gres_gpus(gres) == gpus
+
+
+def test_cpu_job_on_one_node_asks_for_threads_and_no_gpu():
+    r = launch.job_resources(resources(), threads=2)
+    assert r["nodes"] == 1 and r["cpus_per_task"] == 2 and r["gpus_per_node"] == 0
+    assert r["mem_mb"] == 16000 and r["runtime"] == 720
+    unset = ("gpu", "gpu_model", "gres", "mpi", "tasks", "tasks_per_gpu", "slurm_partition", "constraint")
+    assert all(r[key] is None for key in unset)
+
+
+def test_one_node_gpus_become_gpus_option():
+    r = launch.job_resources(
+        resources(gpu=8, gpu_model="h100", cpus_per_task=64, partition="gpu", account="proj", constraint="ib"),
+        threads=2,
+    )
+    assert (r["gpu"], r["gpu_model"], r["gres"], r["gpus_per_node"]) == (8, "h100", None, 8)
+    assert (r["cpus_per_task"], r["slurm_partition"], r["slurm_account"], r["constraint"]) == (64, "gpu", "proj", "ib")
+    assert r["mpi"] is None
+
+
+def test_several_nodes_ask_gpus_per_node_as_gres_and_one_task_per_node():
+    r = launch.job_resources(resources(nodes=2, gpu=8, gpu_model="h100"), threads=2)
+    # --gpus would be a total over the nodes; gres counts per node
+    assert (r["gpu"], r["gpu_model"], r["gres"], r["gpus_per_node"]) == (None, None, "gpu:h100:8", 8)
+    assert (r["nodes"], r["mpi"], r["tasks"], r["tasks_per_gpu"]) == (2, "srun", 2, 0)
+
+
+def test_explicit_gres_is_passed_as_is():
+    r = launch.job_resources(resources(gres="gpu:a100:4"), threads=2)
+    assert (r["gres"], r["gpu"], r["gpus_per_node"]) == ("gpu:a100:4", None, 4)
+
+
+@pytest.mark.parametrize(
+    "res, fsdp_settings, key",
+    [
+        ({"gpu": 2, "gres": "gpu:2"}, {}, "gpu"),
+        ({"gpu_model": "h100"}, {}, "gpu_model"),
+        ({"nodes": 2}, {"num_machines": 3, "main_process_ip": "x"}, "nodes"),
+    ],
+)
+def test_impossible_resources_are_refused_naming_the_key(res, fsdp_settings, key):
+    with pytest.raises(launch.LaunchError, match=f"'runs.demo.resources.fsdp_train.{key}'"):
+        launch.check_resources(resources(**res), fsdp(**fsdp_settings), "runs.demo.resources.fsdp_train")
+
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node1", ["node1"]),
+        ("gpu[07-08,10],login1", ["gpu07", "gpu08", "gpu10", "login1"]),
+        ("a[9-11]-ib", ["a9-ib", "a10-ib", "a11-ib"]),
+        ("x[1,3],y", ["x1", "x3", "y"]),
+    ],
+)
+def test_hostlist_expansion(nodelist, hosts):
+    assert launch.expand_hostlist(nodelist) == hosts
+
+
+def test_first_host_without_scontrol(monkeypatch):
+    monkeypatch.setattr(launch.shutil, "which", lambda name: None)
+    assert launch.first_host("gpu[07-08]") == "gpu07"
+
+
+# --- rendering the launch of a 2-node x 8-GPU allocation ------------------------------------
+
+
+@pytest.fixture
+def job(tmp_path, monkeypatch):
+    """A run's files, a fake 8-GPU CUDA, and execvp recording instead of replacing us."""
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(yaml.safe_dump(BASE))
+    settings = tmp_path / "train_settings.json"
+    settings.write_text(json.dumps({"fsdp": fsdp()}))
+    monkeypatch.setattr(launch, "cuda_device_count", lambda: 8)
+    monkeypatch.setattr(launch.tempfile, "tempdir", str(tmp_path))
+    calls = []
+
+    def execvp(file, args):
+        calls.append(args)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(launch.os, "execvp", execvp)
+    argv = ["--config-file", str(config), "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task", "64"]
+    argv += ["--", "-m", "shardtune.train", "--settings", str(settings), "--output", "out"]
+    return argv, calls
+
+
+def run(argv, env, calls):
+    with pytest.raises(SystemExit):
+        launch.main(argv, env)
+    return calls.pop()
+
+
+ALLOCATION = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2"}
+
+
+def test_job_starts_one_srun_task_per_node(job):
+    argv, calls = job
+    command = run(argv, {"SLURM_JOB_ID": "4242"}, calls)
+    assert command[:7] == [
+        "srun",
+        "--nodes=2",
+        "--ntasks=2",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=64",
+        "--kill-on-bad-exit=1",
+        "--label",
+    ]
+    assert command[8:11] == ["-m", "shardtune.launch", "--node-task"] and command[11:] == argv
+
+
+def test_each_node_task_launches_with_its_rank_and_the_first_node_as_main(job):
+    argv, calls = job
+    node_argv = ["--node-task", *argv]
+    rendered = []
+    for rank in (0, 1):
+        env = {**ALLOCATION, "SLURM_PROCID": str(rank), "SLURM_NODEID": str(rank)}
+        command = run(node_argv, env, calls)
+        assert command[:3] == ["accelerate", "launch", "--config_file"]
+        assert command[4:] == argv[argv.index("--") + 1 :]
+        rendered.append(yaml.safe_load(open(command[3])))
+    for rank, config in enumerate(rendered):
+        assert config["machine_rank"] == rank
+        assert config["main_process_ip"] == "gpu07"
+        assert config["main_process_port"] == 29500 + 4242 % 1000
+        assert (config["num_machines"], config["num_processes"], config["use_cpu"]) == (2, 16, False)
+        assert config["distributed_type"] == "FSDP"
+
+
+def test_more_tasks_than_nodes_is_refused():
+    env = {**ALLOCATION, "SLURM_PROCID": "1", "SLURM_NODEID": "0"}
+    with pytest.raises(launch.LaunchError, match="one task per node"):
+        launch.node_config(BASE, fsdp(), 2, 8, 8, env)
+
+
+def test_several_nodes_need_an_allocation(job):
+    argv, _ = job
+    with pytest.raises(launch.LaunchError, match="needs a SLURM allocation"):
+        launch.main(argv, {})
+
+
+def test_one_node_uses_the_gpus_cuda_sees_and_a_free_port():
+    config = launch.node_config(BASE, fsdp(), 1, 0, 4, {})
+    assert (config["num_processes"], config["num_machines"], config["machine_rank"], config["use_cpu"]) == (4, 1, 0, False)
+    assert 0 < config["main_process_port"] < 65536
+
+
+def test_a_config_written_without_gpus_is_corrected_on_a_gpu_node():
+    # write_accelerate_config may run on a CPU node: use_cpu true, 2 ranks
+    config = launch.node_config(BASE, fsdp(), 1, 8, 8, {})
+    assert (config["num_processes"], config["use_cpu"]) == (8, False)
+
+
+def test_explicit_num_processes_is_kept_and_checked():
+    assert launch.node_config(BASE, fsdp(num_processes=4), 1, 8, 8, {})["num_processes"] == 4
+    with pytest.raises(launch.LaunchError, match="exceeds the 8 GPU"):
+        launch.node_config(BASE, fsdp(num_processes=16), 1, 8, 8, {})
+    with pytest.raises(launch.LaunchError, match="multiple of the 2 nodes"):
+        launch.node_config(BASE, fsdp(num_processes=3), 2, 8, 8, {**ALLOCATION, "SLURM_PROCID": "0"})
+
+
+def test_fewer_gpus_than_asked_for_is_an_error():
+    with pytest.raises(launch.LaunchError, match="asked for 8 GPU.*CUDA sees 4"):
+        launch.node_config(BASE, fsdp(), 1, 8, 4, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+
+
+def test_gpus_cuda_cannot_use_are_an_error_unless_cpu_training_is_allowed():
+    env = {"CUDA_VISIBLE_DEVICES": "0,1"}
+    with pytest.raises(launch.LaunchError, match="CUDA sees none"):
+        launch.node_config(BASE, fsdp(), 1, 2, 0, env)
+    config = launch.node_config(BASE, fsdp(), 1, 2, 0, {**env, launch.ALLOW_CPU_ENV: "1"})
+    assert (config["num_processes"], config["use_cpu"]) == (2, True)
+
+
+def test_cpu_only_job_keeps_two_ranks():
+    config = launch.node_config(BASE, fsdp(), 1, 0, 0, {})
+    assert (config["num_processes"], config["use_cpu"], config["num_machines"]) == (2, True, 1)
