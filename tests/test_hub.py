@@ -270,6 +270,20 @@ def test_merged_model_and_base_model_id(server, run_dir):
     assert 'subfolder="merged"' in card and ModelCard(card).data.base_model == "meta-llama/Llama-2-70b-hf"
 
 
+def test_declared_plots_and_run_info_versions(server, run_dir):
+    (run_dir / "eval/learning_rate.png").write_bytes(b"\x89PNG another")
+    (run_dir / "eval/run_info.json").write_text(json.dumps({"versions": {"torch": "1.2.3"}}))
+    record, _ = publish(
+        settings_for(server.url),
+        run_dir,
+        plots=[run_dir / "eval/learning_rate.png"],
+        run_info=run_dir / "eval/run_info.json",
+    )
+    assert [p for p in record["files"] if p.startswith("plots/")] == ["plots/learning_rate.png"]
+    card = server.repos[REPO].files["README.md"].decode()
+    assert "| torch | 1.2.3 |" in card and "![learning_rate.png](plots/learning_rate.png)" in card
+
+
 # --- the model card --------------------------------------------------------------------
 
 
@@ -333,6 +347,20 @@ def test_check_runs_needs_a_repo_per_pushed_run():
         hub.check_runs(runs)
     with pytest.raises(stconfig.ConfigError, match="hub.repo_id"):
         stconfig.resolve_runs({"hub": {"repo_id": "no-namespace"}})
+
+
+def test_wrapped_network_errors_are_recognised():
+    import httpx2
+
+    try:
+        try:
+            raise httpx2.ConnectError("[Errno 111] Connection refused")
+        except httpx2.ConnectError as inner:
+            raise RuntimeError("Error while uploading 'model.safetensors' to the Hub.") from inner
+    except RuntimeError as err:
+        error, retry = hub.classify(err, "http://127.0.0.1:9", REPO)
+    assert isinstance(error, hub.HubUnreachableError) and retry
+    assert hub.classify(KeyError("x"), "http://127.0.0.1:9", REPO) == (None, False)
 
 
 def test_endpoint_from_config_then_environment(monkeypatch):
@@ -408,6 +436,7 @@ def test_every_save_checks_token_before_training_and_survives_a_failed_push(serv
 def test_every_save_callback_for_the_trainer(server, train_dir):
     assert hub.every_save_callback(settings_for(server.url), train_dir) is None  # strategy: end
     settings = settings_for(server.url, hub={"strategy": "every_save"})
+    del settings["dataset"]  # the card does without it
     callback = hub.every_save_callback(settings, train_dir, run="demo", log=lambda *a: None)
     from transformers import TrainerCallback
 
@@ -487,12 +516,15 @@ def test_workflow_never_writes_or_prints_the_token(published):
 def test_workflow_rerun_after_a_failed_upload_completes_it_without_duplicates(published):
     workdir, server, run = published.workdir, published.server, published.snakemake
     first = json.loads((workdir / "results/demo/hub/upload.json").read_text())
-    failed = run(workdir, "--cores", "2", "upload", "--forcerun", "push_to_hub", check=False,
-                 env={**published.env, "HF_TOKEN": BAD_TOKEN})
+    bad_env = {**published.env, "HF_TOKEN": BAD_TOKEN}
+    failed = run(workdir, "--cores", "2", "upload", "--forcerun", "push_to_hub", check=False, env=bad_env)
     assert failed.returncode != 0
-    errors = [line for line in failed.stdout.splitlines() if line.startswith("ERROR: ")]
-    assert errors == [f"ERROR: the hub at {server.url} rejected the token (HTTP 401 Unauthorized): "
-                      "set HF_TOKEN or run `hf auth login` with a valid token"], failed.stdout[-3000:]
+    # one line, printed by the job and echoed from its log (show-failed-logs)
+    errors = {line for line in failed.stdout.splitlines() if line.startswith("ERROR: ")}
+    assert errors == {
+        f"ERROR: the hub at {server.url} rejected the token (HTTP 401 Unauthorized): "
+        "set HF_TOKEN or run `hf auth login` with a valid token"
+    }, failed.stdout[-3000:]
     assert BAD_TOKEN not in failed.stdout and files_containing(workdir, BAD_TOKEN) == []
     assert not (workdir / "results/demo/hub/upload.json").exists()
 

@@ -237,6 +237,11 @@ def classify(err, endpoint, repo_id):
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+    # The client wraps some failures (e.g. an upload's) in RuntimeError: look at the causes.
+    seen = err
+    while seen is not None and not isinstance(seen, (HfHubHTTPError, OfflineModeIsEnabled, httpx2.TransportError)):
+        seen = seen.__cause__ or seen.__context__
+    err = seen if seen is not None else err
     if isinstance(err, OfflineModeIsEnabled):
         return HubUnreachableError("HF_HUB_OFFLINE is set: unset it to publish (hub.dry_run: true needs no network)"), False
     response = getattr(err, "response", None)
@@ -354,8 +359,13 @@ def commit_items(api, repo_id, private, items, message, description="", log=prin
 # --- publishing a finished run ---------------------------------------------------------
 
 
-def publish(settings, *, run, adapter_dir, metrics, out_dir, train_done=None, merged_dir=None, log=print):
-    """Publish a run; write out_dir/README.md (the card) and out_dir/upload.json (the record)."""
+def publish(
+    settings, *, run, adapter_dir, metrics, out_dir, train_done=None, merged_dir=None, plots=None, run_info=None, log=print
+):
+    """Publish a run; write out_dir/README.md (the card) and out_dir/upload.json (the record).
+    `plots`: image files for the card (None: those next to `metrics`); `run_info`: a JSON file
+    whose "versions" are the software versions to report (else the training record's, else
+    this environment's)."""
     hub = settings["hub"]
     repo_id = hub["repo_id"]
     if not (hub["push"] and repo_id):
@@ -372,7 +382,8 @@ def publish(settings, *, run, adapter_dir, metrics, out_dir, train_done=None, me
             "note: the base model is not on the hub, so adapter_config.json keeps its local path;"
             " set hub.base_model to the base model's hub id if there is one"
         )
-    plots = plot_files(Path(metrics).parent)
+    plots = plot_files(Path(metrics).parent) if plots is None else sorted(map(Path, plots))
+    info = read_json(run_info) if run_info else {}
     items += [file_item(f"plots/{p.name}", p) for p in plots]
     if merged_dir:
         items += [file_item(f"merged/{rel}", path) for rel, path in _files(merged_dir)]
@@ -383,7 +394,7 @@ def publish(settings, *, run, adapter_dir, metrics, out_dir, train_done=None, me
         metrics=read_json(metrics),
         done=done,
         conversion=conversion,
-        versions=done.get("versions"),
+        versions=info.get("versions") or done.get("versions"),
         plots=[f"plots/{p.name}" for p in plots],
         include_merged=bool(merged_dir),
     )

@@ -46,7 +46,7 @@ def base_model_id(settings):
 
 
 def dataset_ids(settings):
-    ids = [hub_id(settings["dataset"]["source"]), *settings["hub"]["datasets"]]
+    ids = [hub_id(settings.get("dataset", {}).get("source")), *settings["hub"]["datasets"]]
     return list(dict.fromkeys(i for i in ids if i))
 
 
@@ -129,10 +129,14 @@ model = AutoModelForCausalLM.from_pretrained("{repo_id}", subfolder="merged")
 
 def _training(settings, done):
     d, lora, q, f, t = (settings[k] for k in ("data", "lora", "quantization", "fsdp", "training"))
-    ds = settings["dataset"]
-    rows = [
-        ("data set", f"`{ds['source']}`" + (f" @ `{ds['revision']}`" if ds["revision"] else "")),
-        ("splits", ", ".join(ds["splits"])),
+    ds = settings.get("dataset")
+    rows = []
+    if ds:
+        rows += [
+            ("data set", f"`{ds['source']}`" + (f" @ `{ds['revision']}`" if ds["revision"] else "")),
+            ("splits", ", ".join(ds["splits"])),
+        ]
+    rows += [
         ("chat template", d["chat_template_format"]),
         ("max sequence length", d["max_seq_len"]),
         ("packing", d["packing"]),

@@ -13,6 +13,8 @@ with job(snakemake.log[0]) as log:
         metrics=i.metrics,
         train_done=i.done,
         merged_dir=i.get("merged"),
+        plots=list(i.plots) if "plots" in i.keys() else None,
+        run_info=i.get("info"),
         out_dir=Path(snakemake.output.record).parent,
         log=log,
     )
