@@ -116,6 +116,13 @@ def hub_inputs(wildcards):
     }
     if RUNS[run]["hub"]["include_merged"]:
         files["merged"] = f"results/{run}/merged"
+    # Plots and the run record (software versions), where the workflow makes them.
+    if hasattr(rules, "plot_training"):
+        files["plots"] = [
+            str(path).format(run=run) for path in rules.plot_training.output
+        ]
+    if hasattr(rules, "write_run_info"):
+        files["info"] = str(rules.write_run_info.output[0]).format(run=run)
     return files
 
 
@@ -141,3 +148,14 @@ def job_resources(rule):
 
     example = next(iter(RUNS.values()))["resources"][rule]
     return {key: resource(key) for key in stlaunch.job_resources(example, 1)}
+
+
+def every_save_settings(wildcards):
+    """For fsdp_train (hub.strategy: every_save): the run's hub and dataset settings as JSON,
+    else "null", so that other publishing settings leave the training command alone."""
+    import json
+
+    s = RUNS[wildcards.run]
+    if not (s["hub"]["push"] and s["hub"]["strategy"] == "every_save"):
+        return "null"
+    return json.dumps({"hub": s["hub"], "dataset": s["dataset"]})
