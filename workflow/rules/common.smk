@@ -117,11 +117,11 @@ def hub_inputs(wildcards):
     if RUNS[run]["hub"]["include_merged"]:
         files["merged"] = f"results/{run}/merged"
     # Plots and the run record (software versions), where the workflow makes them.
-    if hasattr(rules, "plot_training"):
+    if rules.has("plot_training"):
         files["plots"] = [
             str(path).format(run=run) for path in rules.plot_training.output
         ]
-    if hasattr(rules, "write_run_info"):
+    if rules.has("write_run_info"):
         files["info"] = str(rules.write_run_info.output[0]).format(run=run)
     return files
 
