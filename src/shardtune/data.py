@@ -1,169 +1,592 @@
-"""Data preparation: validate each conversation, render it with the chat template, tokenize
-in large batches with the fast tokenizer, mask non-assistant tokens, and pack with best-fit
-decreasing (TRL's `pack_dataset`), keeping sequence boundaries as `seq_lengths`."""
+"""Data preparation: check every row, render it with the chat template, tokenize in large
+batches with the fast tokenizer, mask non-assistant tokens, and pack with best-fit
+decreasing (TRL's `pack_dataset`), keeping sequence boundaries as `seq_lengths`.
 
+Two passes per split:
+1. render (datasets `map`, `num_proc` workers): convert the row's format to messages, check it,
+   render it with the Jinja template, and record the character spans of assistant output
+   ({% generation %} blocks) and, for a bad row, the reason;
+2. tokenize (main process): `encode_batch` of the fast tokenizer on large chunks (its Rust
+   threads use every core), assistant spans mapped to tokens with `char_to_token`, then
+   labels, truncation and EOS appends as numpy operations on flat arrays, and the result
+   straight into Arrow list arrays.
+"""
+
+import itertools
+import json
+import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 from trl.data_utils import pack_dataset
 
 from .errors import UserError
-from .io import atomic_dir, write_json
-from .sources import SourceError, model_path
-from .templates import FORMAT_TOKENS, chat_template
+from .io import atomic_dir, read_json, write_json
+from .sources import ROW_COLUMN, model_path
+from .templates import FORMAT_EOS, FORMAT_TOKENS, chat_template, has_generation_block
 
-ROLES = {"system", "user", "assistant"}
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 IGNORE_INDEX = -100
+FORMAT_FIELDS = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+RENDER_BATCH = 1000
+TOKENIZE_CHUNK = 2048  # rows per encode_batch call: large enough for the Rust threads, bounded memory
 
 
 class DataError(UserError):
     """A bad row or a data setting that cannot work; the message names the row."""
 
 
-def check_conversation(messages):
-    """Return None for a usable conversation, else the reason it is not."""
-    if not isinstance(messages, list) or not messages:
-        return "missing or empty messages"
-    for turn in messages:
-        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            return "a message without role/content"
-        if turn["role"] not in ROLES:
-            return f"unknown role {turn['role']!r}"
-        if not isinstance(turn["content"], str):
-            return f"non-string content in a {turn['role']} message"
-    if not any(turn["role"] == "assistant" for turn in messages):
-        return "no assistant turn"
-    return None
+# --- formats -------------------------------------------------------------------------------
 
 
-def _tokenize_batch(batch, indices, *, tokenizer, template, max_seq_len, too_long, assistant_only, split, on_bad_row):
-    convs, reasons = [], []
-    for messages, index in zip(batch["messages"], indices):
-        reason = check_conversation(messages)
-        if reason and on_bad_row == "error":
-            raise DataError(f"split '{split}', row {index}: {reason}")
-        reasons.append(reason or "")
-        convs.append([{"role": m["role"], "content": m["content"]} for m in messages] if not reason else [])
+def resolve_format(column_names, cfg, where):
+    """Return (format, {field: column}) for a split with `column_names`."""
+    names = [c for c in column_names if c != ROW_COLUMN]
+    has = ", ".join(names) or "no columns"
+    mapping = cfg.get("columns") or {}
+    for field, column in mapping.items():
+        if column not in names:
+            raise DataError(f"data.columns.{field}: no column '{column}' in {where} (has: {has})")
 
-    good = [i for i, r in enumerate(reasons) if not r]
-    rendered, spans = render_jinja_template(
-        [convs[i] for i in good],
-        chat_template=template,
-        return_assistant_tokens_mask=True,
-        **tokenizer.special_tokens_map,
-    )
-    encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
-    out = {"input_ids": [[] for _ in reasons], "labels": [[] for _ in reasons], "truncated": [False] * len(reasons)}
-    for row, ids, offsets, gen in zip(good, encoded["input_ids"], encoded["offset_mapping"], spans):
-        ids = np.asarray(ids, dtype=np.int64)
-        if assistant_only:
-            offsets = np.asarray(offsets).reshape(-1, 2)
-            keep = np.zeros(len(ids), dtype=bool)
-            for start, end in gen:  # a token carries loss when it overlaps an assistant span
-                keep |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
-            labels = np.where(keep, ids, IGNORE_INDEX)
-        else:
-            labels = ids
-        if len(ids) > max_seq_len:
-            if too_long == "error":
+    def column(field):
+        return mapping.get(field, field)
+
+    fmt = cfg.get("format", "auto")
+    if fmt == "auto":
+        fmt = next((f for f, fields in FORMAT_FIELDS.items() if all(column(x) in names for x in fields)), None)
+        if fmt is None:
+            raise DataError(
+                f"data.format: cannot tell the format of {where}: no column messages, conversations, "
+                f"prompt + completion or text (has: {has}); name yours with data.columns"
+            )
+    else:
+        for field in FORMAT_FIELDS[fmt]:
+            if column(field) not in names:
                 raise DataError(
-                    f"split '{split}', row {indices[row]}: {len(ids)} tokens exceed data.max_seq_len={max_seq_len}"
+                    f"data.format: {fmt} needs a '{column(field)}' column in {where} (has: {has}); "
+                    f"map yours with data.columns.{field}"
                 )
-            if too_long == "drop":
-                reasons[row] = "longer than max_seq_len"
+    return fmt, {field: column(field) for field in FORMAT_FIELDS[fmt]}
+
+
+def _check_messages(messages, field):
+    """Return (clean messages, None) or (None, reason). A reason is 'kind: detail'."""
+    if messages is None:
+        return None, f"missing or empty messages: no {field}"
+    if not isinstance(messages, list):
+        return None, f"missing or empty messages: {field} is a {type(messages).__name__}, not a list"
+    if not messages:
+        return None, f"missing or empty messages: {field} is empty"
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return None, f"malformed message: {field}[{i}] is a {type(message).__name__}, not an object"
+        role, content = message.get("role"), message.get("content")
+        if role is None:
+            return None, f"malformed message: {field}[{i}] has no role"
+        if role not in ROLES:
+            return None, f"unknown role: {field}[{i}] has role {role!r} (allowed: {', '.join(ROLES)})"
+        if content is None:
+            return None, f"malformed message: {field}[{i}] has no content"
+        if not isinstance(content, str):
+            return None, f"non-string content: {field}[{i}] ({role}) has {type(content).__name__} content"
+        # As apply_chat_template does: keys without a value are not passed to the template.
+        clean.append({k: v for k, v in message.items() if v is not None})
+    if not any(m["role"] == "assistant" for m in clean):
+        return None, f"no assistant turn: {field} has no assistant message"
+    return clean, None
+
+
+def _from_messages(values, fields):
+    return _check_messages(values["messages"], fields["messages"])
+
+
+def _from_sharegpt(values, fields):
+    field, turns = fields["conversations"], values["conversations"]
+    if not isinstance(turns, list):
+        return _check_messages(turns, field)
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            return None, f"malformed message: {field}[{i}] is a {type(turn).__name__}, not an object"
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            return None, f"unknown role: {field}[{i}] has from {speaker!r} (allowed: human, gpt, system)"
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
+    return _check_messages(messages, field)
+
+
+def _from_prompt_completion(values, fields):
+    prompt, completion = values["prompt"], values["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return _check_messages(messages, f"{fields['prompt']}/{fields['completion']}")
+    if isinstance(prompt, list) and isinstance(completion, list):  # conversational prompt-completion
+        return _check_messages(prompt + completion, f"{fields['prompt']}+{fields['completion']}")
+    for name, value in (("prompt", prompt), ("completion", completion)):
+        if value is None:
+            return None, f"missing or empty messages: no {fields[name]}"
+    return None, (
+        f"non-string content: {fields['prompt']} and {fields['completion']} must both be strings "
+        f"or both message lists (got {type(prompt).__name__} and {type(completion).__name__})"
+    )
+
+
+CONVERTERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "prompt_completion": _from_prompt_completion}
+
+
+def _parse_json_text(value, field):
+    if not isinstance(value, str):
+        return value, None
+    try:
+        return json.loads(value), None
+    except json.JSONDecodeError as err:
+        return None, f"invalid JSON: {field} holds text that is not JSON ({err.msg})"
+
+
+def _render_batch(batch, *, fmt, fields, json_fields, template, template_kwargs):
+    """datasets.map function: one batch of raw rows -> text, assistant char spans, reason."""
+    n = len(batch[ROW_COLUMN])
+    texts, spans, reasons = [""] * n, [[] for _ in range(n)], [""] * n
+    if fmt == "text":
+        for i, value in enumerate(batch[fields["text"]]):
+            if not isinstance(value, str):
+                reasons[i] = f"missing or empty messages: {fields['text']} is {type(value).__name__}, not text"
+            elif not value:
+                reasons[i] = f"missing or empty messages: {fields['text']} is empty"
+            else:
+                texts[i] = value
+        return {"text": texts, "spans": spans, "reason": reasons}
+
+    convs, good = [], []
+    for i in range(n):
+        values, reason = {}, None
+        for field, column in fields.items():
+            values[field] = batch[column][i]
+            if column in json_fields or (fmt != "prompt_completion" and isinstance(values[field], str)):
+                values[field], reason = _parse_json_text(values[field], column)
+                if reason:
+                    break
+        if reason is None:
+            conv, reason = CONVERTERS[fmt](values, fields)
+        if reason:
+            reasons[i] = reason
+        else:
+            convs.append(conv)
+            good.append(i)
+    try:
+        rendered, indices = render_jinja_template(
+            convs, chat_template=template, return_assistant_tokens_mask=True, **template_kwargs
+        )
+    except Exception:  # a template that raises (e.g. roles must alternate): find the rows one by one
+        rendered, indices, kept = [], [], []
+        for i, conv in zip(good, convs):
+            try:
+                text, idx = render_jinja_template(
+                    [conv], chat_template=template, return_assistant_tokens_mask=True, **template_kwargs
+                )
+            except Exception as err:
+                reasons[i] = f"chat template error: {err}"
                 continue
-            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-            out["truncated"][row] = True
-        out["input_ids"][row], out["labels"][row] = ids.tolist(), labels.tolist()
-    out["dropped"] = reasons
-    return out
+            rendered += text
+            indices += idx
+            kept.append(i)
+        good = kept
+    for i, text, idx in zip(good, rendered, indices):
+        texts[i] = text
+        spans[i] = [pos for span in idx for pos in span]
+    return {"text": texts, "spans": spans, "reason": reasons}
+
+
+# --- tokenizer -----------------------------------------------------------------------------
 
 
 def load_tokenizer(model_dir, fmt):
-    """The model's tokenizer, with the special tokens the chat format needs added."""
+    """The model's fast tokenizer with the chat format's template and special tokens.
+
+    Returns (tokenizer, added) where `added` lists the tokens new to the vocabulary (training
+    resizes the embeddings for them)."""
     tokenizer = AutoTokenizer.from_pretrained(model_path(model_dir))
-    missing = [t for t in FORMAT_TOKENS.get(fmt, []) if t not in tokenizer.get_vocab()]
+    if not tokenizer.is_fast:
+        raise DataError(f"model: the tokenizer of {model_path(model_dir)} has no fast (Rust) version; shardtune needs one")
+    template = chat_template(fmt, tokenizer)
+    before = len(tokenizer)
+    missing = [t for t in FORMAT_TOKENS.get(fmt, []) if t not in tokenizer.added_tokens_encoder]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    added = [t for t in missing if tokenizer.convert_tokens_to_ids(t) >= before]
+    if fmt in FORMAT_EOS:
+        tokenizer.eos_token = FORMAT_EOS[fmt]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.chat_template = chat_template(fmt, tokenizer)
-    return tokenizer, missing
+    tokenizer.chat_template = template
+    return tokenizer, added
 
 
-def prepare(dataset_dir, model_dir, settings, out_dir, log=print):
-    """Tokenize and pack the fetched data set; write train/test, tokenizer and stats.json."""
-    start = time.perf_counter()
-    cfg = settings["data"]
-    tokenizer, added = load_tokenizer(model_dir, cfg["chat_template_format"])
+def _token_ranges(encoding, flat_spans, n_tokens):
+    """Token index ranges [start, end) of the tokens overlapping each character span: the same
+    tokens as apply_chat_template(..., return_assistant_tokens_mask=True) marks."""
+    ranges = []
+    for k in range(0, len(flat_spans), 2):
+        start, end = flat_spans[k], flat_spans[k + 1]
+        first = None
+        for char in range(start, end):  # the first char that belongs to a token
+            first = encoding.char_to_token(char)
+            if first is not None:
+                break
+        if first is None:
+            continue
+        last = None
+        for char in range(end - 1, start - 1, -1):
+            last = encoding.char_to_token(char)
+            if last is not None:
+                break
+        # Several byte-level tokens can share the last character: take them all.
+        while last + 1 < n_tokens:
+            offsets = encoding.token_to_chars(last + 1)
+            if offsets is None or offsets[0] >= end or offsets[1] <= offsets[0]:
+                break
+            last += 1
+        ranges.append((first, last + 1))
+    return ranges
+
+
+def tokenize_rendered(texts, spans, tokenizer, *, add_special_tokens=False, progress=None):
+    """Tokenize rendered texts in chunks; return (lengths, flat ids, flat assistant mask)."""
+    backend = tokenizer.backend_tokenizer
+    lengths, ids, masks = [], [], []
+    for begin in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = texts[begin : begin + TOKENIZE_CHUNK]
+        encodings = backend.encode_batch(chunk, add_special_tokens=add_special_tokens)
+        lens = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
+        total = int(lens.sum())
+        flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=total)
+        # Assistant mask as +1/-1 marks at range ends, summed up (no per-token Python).
+        marks = np.zeros(total + 1, dtype=np.int32)
+        base = 0
+        for encoding, n, flat_spans in zip(encodings, lens.tolist(), spans[begin : begin + TOKENIZE_CHUNK]):
+            if flat_spans:
+                for first, stop in _token_ranges(encoding, flat_spans, n):
+                    marks[base + first] += 1
+                    marks[base + stop] -= 1
+            base += n
+        lengths.append(lens)
+        ids.append(flat)
+        masks.append(np.cumsum(marks[:-1]) > 0)
+        if progress is not None:
+            progress.update(len(chunk))
+    if not lengths:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
+    return np.concatenate(lengths), np.concatenate(ids), np.concatenate(masks)
+
+
+# --- per split -----------------------------------------------------------------------------
+
+
+class _Clock:
+    """Wall seconds per phase, for stats.json."""
+
+    def __init__(self):
+        self.laps, self.last = {}, time.perf_counter()
+
+    def lap(self, name):
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.last, 3)
+        self.last = now
+
+
+def _kind(reason):
+    return reason.split(":", 1)[0]
+
+
+def _row_of(index, rows):
+    return int(rows[index]) if rows is not None else int(index)
+
+
+def _line_of(path, row, skipped_lines):
+    """The line number of source row `row` in a JSON-lines file (rows skip blank and bad lines)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            seen = -1
+            for number, line in enumerate(handle, start=1):
+                if line.strip() and number not in skipped_lines:
+                    seen += 1
+                    if seen == row:
+                        return number
+    except OSError:
+        return None
+    return None
+
+
+class SplitReport:
+    """Names rows in messages: the file or hub split they came from and their row number."""
+
+    def __init__(self, split, origin, record):
+        self.split, self.origin = split, origin
+        self.bad_lines = {b["line"] for b in record.get("bad_lines", []) if b.get("line")}
+
+    def where(self, row):
+        origin = self.origin or f"split '{self.split}'"
+        path = Path(origin)
+        line = _line_of(path, row, self.bad_lines) if path.suffix.lower() == ".jsonl" and path.is_file() else None
+        return f"{origin}, row {row}" + (f" (line {line})" if line else "")
+
+
+def _bad_row_error(report, row, reason, others):
+    more = f" ({others} more bad row{'s' if others != 1 else ''} in this split)" if others else ""
+    return DataError(f"{report.where(row)}: {reason}{more}; set data.on_bad_row: skip to drop such rows")
+
+
+def prepare_split(ds, split, cfg, tokenizer, *, report, json_fields=(), num_proc=1, log=print):
+    """Render, check, tokenize, mask and (optionally) pack one split.
+
+    Returns (prepared Dataset, stats dict, lengths array). Raises DataError for a bad row when
+    data.on_bad_row is 'error'."""
+    max_len, packing = cfg["max_seq_len"], cfg["packing"]
+    where = report.origin or f"split '{split}'"
+    if len(ds) == 0:
+        raise DataError(f"{where}: split '{split}' is empty")
+    fmt, fields = resolve_format(ds.column_names, cfg, where)
     template = tokenizer.chat_template
-    raw = datasets.load_from_disk(str(Path(dataset_dir) / "data"))
-    stats = {"added_tokens": added, "max_seq_len": cfg["max_seq_len"], "packing": cfg["packing"], "splits": {}}
-    prepared = {}
-    for split, ds in raw.items():
-        if "messages" not in ds.column_names:
-            raise SourceError(f"split '{split}': no 'messages' column (has: {', '.join(ds.column_names)})")
-        log(f"[{split}] tokenizing {len(ds)} conversations with {cfg['num_proc']} workers")
-        tokenized = ds.map(
-            _tokenize_batch,
-            with_indices=True,
-            batched=True,
-            batch_size=1000,
-            num_proc=min(cfg["num_proc"], max(1, len(ds) // 1000)),
-            remove_columns=ds.column_names,
-            fn_kwargs=dict(
-                tokenizer=tokenizer,
-                template=template,
-                max_seq_len=cfg["max_seq_len"],
-                too_long=cfg["too_long"],
-                assistant_only=cfg["assistant_only_loss"],
-                split=split,
-                on_bad_row=cfg["on_bad_row"],
-            ),
-            desc=f"tokenize {split}",
+    assistant_only = cfg["assistant_only_loss"] and fmt != "text"
+    if assistant_only and not has_generation_block(template):
+        raise DataError(
+            f"data.assistant_only_loss: the chat template of '{cfg['chat_template_format']}' does not mark "
+            "assistant output with {% generation %}; use chatml, zephyr or a Jinja file with "
+            "{% generation %} blocks, or set data.assistant_only_loss: false"
         )
-        dropped = tokenized["dropped"]
-        reasons = {}
-        for reason in dropped:
-            if reason:
-                reasons[reason] = reasons.get(reason, 0) + 1
-        kept = tokenized.filter(lambda r: not r, input_columns="dropped").remove_columns(["dropped"])
-        if len(kept) == 0:
-            raise DataError(f"split '{split}': no usable conversation left (dropped: {reasons})")
-        lengths = np.fromiter((len(x) for x in kept["input_ids"]), dtype=np.int64, count=len(kept))
-        labels_arr = kept.with_format("numpy")["labels"]
-        loss_tokens = int(sum(int((np.asarray(x) != IGNORE_INDEX).sum()) for x in labels_arr))
-        truncated = int(sum(kept["truncated"]))
-        kept = kept.remove_columns(["truncated"])
-        if cfg["packing"]:
-            # One BFD pass over the whole split (not per 1000-row batch) for the best fill.
-            final = pack_dataset(kept, cfg["max_seq_len"], strategy="bfd", map_kwargs={"batch_size": len(kept)})
-            rows = len(final)
+    if ROW_COLUMN not in ds.column_names:
+        ds = ds.add_column(ROW_COLUMN, list(range(len(ds))))
+    ds = ds.select_columns(list(dict.fromkeys([*fields.values(), ROW_COLUMN])))
+
+    clock = _Clock()
+    workers = max(1, min(num_proc, len(ds) // (2 * RENDER_BATCH)))
+    rendered = ds.map(
+        _render_batch,
+        batched=True,
+        batch_size=RENDER_BATCH,
+        num_proc=workers if workers > 1 else None,
+        keep_in_memory=True,
+        fn_kwargs=dict(
+            fmt=fmt,
+            fields=fields,
+            json_fields=set(json_fields),
+            template=template,
+            template_kwargs=dict(tokenizer.special_tokens_map),
+        ),
+        desc=f"render {split}",
+    )
+    table = rendered.with_format("arrow")[:]
+    reasons = table.column("reason")
+    rows = table.column(ROW_COLUMN).to_numpy()
+    bad = pc.not_equal(reasons, "").to_numpy()
+    dropped = Counter()
+    if bad.any():
+        bad_at = np.flatnonzero(bad)
+        if cfg["on_bad_row"] == "error":
+            first = int(bad_at[0])
+            raise _bad_row_error(report, _row_of(first, rows), reasons[first].as_py(), len(bad_at) - 1)
+        dropped.update(_kind(r) for r in pc.filter(reasons, pa.array(bad)).to_pylist())
+    clock.lap("render")
+    good = np.flatnonzero(~bad)
+    good_table = table.take(pa.array(good))
+    texts = good_table.column("text").to_pylist()
+    spans = good_table.column("spans").to_pylist() if assistant_only else [[] for _ in texts]
+
+    progress = datasets.utils.tqdm(total=len(texts), desc=f"tokenize {split}", unit=" rows")
+    with progress:
+        lengths, ids, mask = tokenize_rendered(texts, spans, tokenizer, add_special_tokens=cfg["add_special_tokens"], progress=progress)
+    del texts
+    clock.lap("tokenize")
+    labels = np.where(mask, ids, IGNORE_INDEX) if assistant_only else ids.copy()
+    rows = rows[good]
+
+    if packing and cfg["append_concat_token"]:
+        # The recipe's concat token: EOS after every sequence, trained on when the whole text is.
+        ends = np.cumsum(lengths)
+        eos = tokenizer.eos_token_id
+        ids = np.insert(ids, ends, eos)
+        labels = np.insert(labels, ends, IGNORE_INDEX if assistant_only else eos)
+        lengths = lengths + 1
+
+    too_long = lengths > max_len
+    truncated = 0
+    keep_row = np.ones(len(lengths), dtype=bool)
+    if too_long.any():
+        if cfg["too_long"] == "error":
+            first = int(np.flatnonzero(too_long)[0])
+            raise DataError(
+                f"{report.where(int(rows[first]))}: {int(lengths[first])} tokens exceed data.max_seq_len={max_len}"
+                f" ({int(too_long.sum()) - 1} more such rows); set data.too_long: truncate or drop, or raise max_seq_len"
+            )
+        if cfg["too_long"] == "drop":
+            keep_row &= ~too_long
+            dropped["longer than max_seq_len"] += int(too_long.sum())
         else:
-            final = kept.add_column("seq_lengths", [[int(n)] for n in lengths])
-            rows = len(final)
-        total = int(lengths.sum())
-        counts, edges = np.histogram(lengths, bins=min(20, max(1, len(set(lengths.tolist())))))
-        stats["splits"][split] = {
-            "conversations_in": len(ds),
-            "conversations_out": len(kept),
-            "dropped": reasons,
-            "truncated": truncated,
-            "tokens": total,
-            "loss_tokens": loss_tokens,
-            "rows": rows,
-            "packing_efficiency": total / (rows * cfg["max_seq_len"]) if cfg["packing"] else None,
-            "length_histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
-        }
-        prepared[split] = final
-        log(f"[{split}] {len(kept)} conversations, {total} tokens -> {rows} rows")
+            truncated = int(too_long.sum())
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    position = np.arange(len(ids)) - np.repeat(starts, lengths)
+    if assistant_only:
+        carries = (labels != IGNORE_INDEX) & (position < max_len)
+        no_loss = keep_row & (np.add.reduceat(carries, starts) == 0)
+        cut, empty = no_loss & too_long, no_loss & ~too_long
+        if empty.any():
+            if cfg["on_bad_row"] == "error":
+                first = int(np.flatnonzero(empty)[0])
+                raise _bad_row_error(report, int(rows[first]), "no token carries loss: the assistant output is empty", int(empty.sum()) - 1)
+            dropped["no token carries loss"] += int(empty.sum())
+        if cut.any():  # the user asked for truncation: count, do not stop
+            dropped["no assistant token left after truncation"] += int(cut.sum())
+            truncated -= int(cut.sum())
+        keep_row &= ~no_loss
+    kept_len = np.minimum(lengths, max_len)
+    keep_token = np.repeat(keep_row, lengths) & (position < max_len)
+    ids, labels = ids[keep_token], labels[keep_token]
+    lengths = kept_len[keep_row]
+    if len(lengths) == 0:
+        raise DataError(f"{where}: no usable conversation left in split '{split}' (dropped: {dict(dropped)})")
+
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    list_type = pa.ListArray if offsets[-1] < 2**31 else pa.LargeListArray
+    offsets = pa.array(offsets, type=pa.int32() if list_type is pa.ListArray else pa.int64())
+    columns = {
+        "input_ids": list_type.from_arrays(offsets, pa.array(ids, type=pa.int64())),
+        "labels": list_type.from_arrays(offsets, pa.array(labels, type=pa.int64())),
+    }
+    clock.lap("labels")
+    if packing:
+        unpacked = datasets.Dataset(pa.table(columns))
+        # One BFD pass over the whole split (not per map batch) for the best fill.
+        final = pack_dataset(unpacked, max_len, strategy="bfd", map_kwargs={"batch_size": len(unpacked), "keep_in_memory": True})
+    else:
+        columns["seq_lengths"] = pa.ListArray.from_arrays(
+            pa.array(np.arange(len(lengths) + 1), type=pa.int32()), pa.array(lengths, type=pa.int64())
+        )
+        final = datasets.Dataset(pa.table(columns))
+    clock.lap("pack")
+    total = int(lengths.sum())
+    edges = np.linspace(0, max_len, 17)
+    counts, _ = np.histogram(lengths, bins=edges)
+    stats = {
+        "format": fmt,
+        "columns": fields,
+        "conversations_in": len(ds),
+        "conversations_out": int(len(lengths)),
+        "dropped": dict(sorted(dropped.items())),
+        "truncated": truncated,
+        "tokens": total,
+        "loss_tokens": int((labels != IGNORE_INDEX).sum()),
+        "rows": len(final),
+        "packing_efficiency": round(total / (len(final) * max_len), 6) if packing else None,
+        "length": {"mean": round(float(lengths.mean()), 2), "median": float(np.median(lengths)), "max": int(lengths.max())},
+        "length_histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
+        "seconds": clock.laps,
+    }
+    log(
+        f"[{split}] {stats['conversations_out']}/{len(ds)} conversations ({fmt}), {total} tokens, "
+        f"{stats['loss_tokens']} with loss -> {len(final)} rows; dropped {dict(dropped) or 0}, truncated {truncated}"
+    )
+    return final, stats, lengths
+
+
+def plot_lengths(lengths_by_split, max_len, path):
+    """A histogram of conversation lengths (tokens) per split, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    edges = np.linspace(0, max_len, 33)
+    for split, lengths in lengths_by_split.items():
+        ax.hist(lengths, bins=edges, alpha=0.6, label=f"{split} ({len(lengths)})")
+    ax.axvline(max_len, color="black", linestyle="--", linewidth=1, label="max_seq_len")
+    ax.set_xlabel("tokens per conversation")
+    ax.set_ylabel("conversations")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _load_errors(record, cfg):
+    """Rows the source loader could not parse (invalid JSON lines): an error, or counted."""
+    bad = record.get("bad_lines", [])
+    if bad and cfg["on_bad_row"] == "error":
+        first = bad[0]
+        at = f"line {first['line']}" if first.get("line") else f"item {first.get('item')}"
+        more = f" ({len(bad) - 1} more bad lines)" if len(bad) > 1 else ""
+        raise DataError(f"{first['file']}: {at}: {first['reason']}{more}; set data.on_bad_row: skip to drop such rows")
+    return dict(Counter(_kind(b["reason"]) for b in bad))
+
+
+def prepare(dataset_dir, model_dir, settings, out_dir, log=print, num_proc=None):
+    """Tokenize and pack the fetched data set; write data/ (train, test), tokenizer/,
+    stats.json and lengths.png into out_dir, all at once."""
+    start = time.perf_counter()
+    cfg = {
+        "format": "auto",
+        "columns": {},
+        "add_special_tokens": False,
+        "append_concat_token": False,
+        "too_long": "truncate",
+        "on_bad_row": "error",
+        **settings["data"],
+    }
+    workers = cfg.pop("num_proc", None)  # how, not what: kept out of stats and the cache key
+    num_proc = num_proc or workers or os.cpu_count() or 1
+    os.environ.setdefault("RAYON_NUM_THREADS", str(num_proc))  # the tokenizer's threads
+    tokenizer, added = load_tokenizer(model_dir, cfg["chat_template_format"])
+    record_path = Path(dataset_dir) / "source.json"
+    record = read_json(record_path) if record_path.is_file() else {}
+    raw = datasets.load_from_disk(str(Path(dataset_dir) / "data"))
+    missing = [s for s in ("train", "test") if s not in raw]
+    if missing:
+        raise DataError(f"{dataset_dir}: the fetched data set has no split '{missing[0]}'")
+    stats = {
+        "settings": cfg,
+        "added_tokens": added,
+        "tokenizer": {
+            "size": len(tokenizer),
+            "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token,
+            "pad_token": tokenizer.pad_token,
+        },
+        "dropped_at_load": _load_errors(record, cfg),
+        "splits": {},
+    }
+    prepared, lengths = {}, {}
+    for split in ("train", "test"):
+        report = SplitReport(split, record.get("origin", {}).get(split), record)
+        prepared[split], stats["splits"][split], lengths[split] = prepare_split(
+            raw[split],
+            split,
+            cfg,
+            tokenizer,
+            report=report,
+            json_fields=record.get("json_columns", []),
+            num_proc=num_proc,
+            log=log,
+        )
+    stats["format"] = stats["splits"]["train"]["format"]
     stats["seconds"] = round(time.perf_counter() - start, 3)
     with atomic_dir(out_dir) as tmp:
         datasets.DatasetDict(prepared).save_to_disk(str(tmp / "data"))
         tokenizer.save_pretrained(tmp / "tokenizer")
+        plot_lengths(lengths, cfg["max_seq_len"], tmp / "lengths.png")
         write_json(tmp / "stats.json", stats)
+    log(f"wrote {out_dir} in {stats['seconds']} s")
     return stats

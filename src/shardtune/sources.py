@@ -1,5 +1,11 @@
 """Fetching inputs: the data set (built-in, local file or directory, hub) and the base model
-(built-in, local directory, hub), each into resources/ under a content key."""
+(built-in, local directory, hub), each into resources/ under a content key.
+
+A fetched data set is `data/` (a DatasetDict with `train` and `test`, saved with
+`save_to_disk`) plus `source.json`: where each split came from, the source row number of
+every row (column `ROW_COLUMN`), JSON lines that could not be parsed, and columns that had to
+be stored as JSON text because their values had mixed types. The prepare step reads these to
+name the file and row of a bad conversation."""
 
 import json
 from pathlib import Path
@@ -12,78 +18,208 @@ from .io import atomic_dir, read_json, write_json
 
 HUB_PREFIX = "hf:"
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+ROW_COLUMN = "__source_row"
 
 
 class SourceError(UserError):
     """An input that cannot be read; the message names the file, row or field."""
 
 
-def _read_jsonl(path):
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SourceError(f"{path}: line {number}: invalid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise SourceError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return datasets.Dataset.from_list(rows)
+class Loaded:
+    """A loaded source: its splits plus what the prepare step needs to report bad rows."""
+
+    def __init__(self, splits, origin, bad_lines=(), json_columns=(), available=None):
+        self.splits = splits  # {split name: Dataset}
+        self.origin = origin  # {split name: "file or hub id"}
+        self.available = list(available or splits)  # every split the source has
+        self.bad_lines = list(bad_lines)  # [{"file", "line", "reason"}]
+        self.json_columns = sorted(json_columns)
 
 
-def _load_local(path):
-    if path.is_dir():
+def _json_rows(path):
+    """Parse a JSON / JSON-lines file row by row (the slow path, used only when the Arrow
+    reader refuses the file). Returns (rows, bad lines)."""
+    text = Path(path).read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
         try:
-            loaded = datasets.load_from_disk(str(path))
-        except FileNotFoundError as err:
-            raise SourceError(f"{path}: not a directory written by Dataset.save_to_disk ({err})") from None
-        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+            whole = json.loads(text)
+        except json.JSONDecodeError as err:
+            if err.msg != "Extra data":  # anything else than several documents: the file is broken
+                raise SourceError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from None
+        else:
+            if not isinstance(whole, list):
+                raise SourceError(f"{path}: expected a list of objects or JSON lines, got {type(whole).__name__}")
+            rows, bad = [], []
+            for number, row in enumerate(whole):
+                if isinstance(row, dict):
+                    rows.append(row)
+                else:
+                    bad.append({"file": str(path), "line": None, "item": number, "reason": f"expected a JSON object, got {type(row).__name__}"})
+            return rows, bad
+    rows, bad = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            bad.append({"file": str(path), "line": number, "reason": f"invalid JSON ({err.msg}, column {err.colno})"})
+            continue
+        if not isinstance(row, dict):
+            bad.append({"file": str(path), "line": number, "reason": f"expected a JSON object, got {type(row).__name__}"})
+            continue
+        rows.append(row)
+    return rows, bad
+
+
+def _from_rows(rows):
+    """A Dataset from parsed rows. A column whose values Arrow cannot give one type (a string
+    here, a number there) is kept as JSON text so that each row can be checked later."""
+    try:
+        return datasets.Dataset.from_list(rows), set()
+    except Exception:  # pyarrow raises several types for mixed values
+        pass
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    table, json_columns = {}, set()
+    for name in names:
+        values = [row.get(name) for row in rows]
+        if all(v is None or isinstance(v, str) for v in values):
+            table[name] = values
+            continue
+        try:
+            datasets.Dataset.from_dict({name: values})
+            table[name] = values
+        except Exception:
+            table[name] = [None if v is None else json.dumps(v) for v in values]
+            json_columns.add(name)
+    return datasets.Dataset.from_dict(table), json_columns
+
+
+def _load_json(path):
+    try:  # fast path: the Arrow JSON reader
+        return datasets.load_dataset("json", data_files={"train": str(path)}, split="train"), [], set()
+    except Exception:
+        rows, bad = _json_rows(path)
+    if not rows:
+        detail = f" ({len(bad)} bad lines, the first: line {bad[0]['line']}: {bad[0]['reason']})" if bad else ""
+        raise SourceError(f"{path}: no usable row{detail}")
+    ds, json_columns = _from_rows(rows)
+    return ds, bad, json_columns
+
+
+def _load_file(path):
     fmt = LOCAL_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise SourceError(f"dataset.source: {path}: unknown file type (use {', '.join(LOCAL_FORMATS)})")
-    if path.suffix.lower() == ".jsonl":
-        return datasets.DatasetDict(train=_read_jsonl(path))
+        raise SourceError(f"dataset.source: {path}: unknown file type (use {', '.join(LOCAL_FORMATS)}, or a directory)")
+    if path.stat().st_size == 0:
+        raise SourceError(f"dataset.source: {path} is empty")
+    if fmt == "json":
+        return _load_json(path)
     try:
-        return datasets.load_dataset(fmt, data_files={"train": str(path)})
+        return datasets.load_dataset(fmt, data_files={"train": str(path)}, split="train"), [], set()
     except Exception as err:  # the loaders raise many types; name the file
-        raise SourceError(f"{path}: cannot be read as {fmt}: {err}") from None
+        raise SourceError(f"{path}: cannot be read as {fmt}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def _is_saved_dataset(path):
+    return any((path / name).is_file() for name in ("dataset_dict.json", "state.json"))
+
+
+def _load_local(path, wanted):
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            try:
+                loaded = datasets.load_from_disk(str(path))
+            except Exception as err:
+                raise SourceError(f"{path}: not a readable Dataset.save_to_disk directory ({err})") from None
+            if isinstance(loaded, datasets.Dataset):
+                loaded = datasets.DatasetDict({wanted[0]: loaded})
+            return Loaded(dict(loaded), {name: f"{path} (split '{name}')" for name in loaded}, available=list(loaded))
+        # A folder of data files (train.jsonl, test.parquet, ...): the same loader as for the hub.
+        return _load_hub(str(path), None, None, wanted, label=str(path))
+    ds, bad, json_columns = _load_file(path)
+    # One file is one split: the first of dataset.splits.
+    return Loaded({wanted[0]: ds}, {wanted[0]: str(path)}, bad, json_columns)
+
+
+def _load_hub(name, subset, revision, wanted, label):
+    """Hub data set by id (or a local folder of data files, which datasets resolves the same way)."""
+    try:
+        available = datasets.get_dataset_split_names(name, subset, revision=revision)
+    except Exception as err:
+        raise SourceError(f"dataset.source: cannot open {label}{f' (subset {subset})' if subset else ''}: {err}") from None
+    names = [split for split in wanted if split in available]
+    if wanted[0] not in available:
+        raise SourceError(f"dataset.splits: no split '{wanted[0]}' in {label} (has: {', '.join(available)})")
+    try:
+        loaded = datasets.load_dataset(name, subset, split=names, revision=revision)
+    except Exception as err:
+        raise SourceError(f"dataset.source: cannot load {label} splits {names}: {err}") from None
+    where = f"{label}{f' subset {subset}' if subset else ''}{f'@{revision}' if revision else ''}"
+    origin = {split: f"{where} (split '{split}')" for split in names}
+    return Loaded(dict(zip(names, loaded)), origin, available=available)
+
+
+def _load(spec):
+    source, wanted = spec["source"], list(spec["splits"])
+    if source == "builtin":
+        rows = build_conversations(spec["builtin"]["conversations"], spec["builtin"]["seed"])
+        return Loaded({wanted[0]: datasets.Dataset.from_list(rows)}, {wanted[0]: "the built-in data set"})
+    if source.startswith(HUB_PREFIX):
+        name = source[len(HUB_PREFIX) :]
+        return _load_hub(name, spec["subset"], spec["revision"], wanted, label=source)
+    path = Path(source)
+    if not path.exists():
+        raise SourceError(f"dataset.source: {path} does not exist")
+    return _load_local(path, wanted)
+
+
+def load_source(spec):
+    """Load the source and return (DatasetDict with 'train' and 'test', record for source.json)."""
+    loaded = _load(spec)
+    source = spec["source"]
+    available = loaded.available
+    train_name, test_name = (list(spec["splits"]) + ["test"])[:2]
+    if train_name not in loaded.splits:
+        raise SourceError(f"dataset.splits: no split '{train_name}' in {source} (has: {', '.join(available)})")
+    splits = {name: ds.add_column(ROW_COLUMN, list(range(len(ds)))) for name, ds in loaded.splits.items()}
+    if len(splits[train_name]) == 0:
+        raise SourceError(f"dataset: split '{train_name}' of {source} is empty")
+    origin = dict(loaded.origin)
+    if test_name in splits:
+        if len(splits[test_name]) == 0:
+            raise SourceError(f"dataset: split '{test_name}' of {source} is empty")
+        raw = datasets.DatasetDict(train=splits[train_name], test=splits[test_name])
+        origin = {"train": origin[train_name], "test": origin[test_name]}
+    elif len(spec["splits"]) == 2 and len(available) > 1:
+        # The source has other splits, so a missing test split is a mistake, not a request to cut one.
+        raise SourceError(f"dataset.splits: no split '{test_name}' in {source} (has: {', '.join(available)})")
+    else:
+        if len(splits[train_name]) < 2:
+            raise SourceError(f"dataset: split '{train_name}' of {source} has one row; a test split cannot be cut from it")
+        cut = splits[train_name].train_test_split(test_size=spec["test_size"], seed=spec["split_seed"])
+        raw = datasets.DatasetDict(train=cut["train"], test=cut["test"])
+        origin = {"train": origin[train_name], "test": origin[train_name]}
+    record = {
+        "spec": spec,
+        "rows": {name: len(ds) for name, ds in raw.items()},
+        "origin": origin,
+        "bad_lines": loaded.bad_lines,
+        "json_columns": loaded.json_columns,
+    }
+    return raw, record
 
 
 def load_raw_dataset(spec):
-    """Return a DatasetDict with the splits named in spec['splits'] ('train' and 'test')."""
-    source = spec["source"]
-    if source == "builtin":
-        rows = build_conversations(spec["builtin"]["conversations"], spec["builtin"]["seed"])
-        raw = datasets.DatasetDict(train=datasets.Dataset.from_list(rows))
-    elif source.startswith(HUB_PREFIX):
-        raw = datasets.load_dataset(source[len(HUB_PREFIX) :], spec["subset"], revision=spec["revision"])
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise SourceError(f"dataset.source: {path} does not exist")
-        raw = _load_local(path)
-
-    train_name, test_name = (spec["splits"] + ["test"])[:2]
-    if train_name not in raw:
-        raise SourceError(f"dataset.splits: no split '{train_name}' in {source} (has: {', '.join(raw)})")
-    if len(raw[train_name]) == 0:
-        raise SourceError(f"dataset: split '{train_name}' of {source} is empty")
-    if test_name in raw:
-        return datasets.DatasetDict(train=raw[train_name], test=raw[test_name])
-    if len(raw) > 1:  # the data set has other splits, so a missing test split is a mistake
-        raise SourceError(f"dataset.splits: no split '{test_name}' in {source} (has: {', '.join(raw)})")
-    split = raw[train_name].train_test_split(test_size=spec["test_size"], seed=spec["split_seed"])
-    return datasets.DatasetDict(train=split["train"], test=split["test"])
+    """Return a DatasetDict with the splits named in spec['splits'] as 'train' and 'test'."""
+    return load_source(spec)[0]
 
 
 def fetch_dataset(spec, out_dir):
-    raw = load_raw_dataset(spec)
+    raw, record = load_source(spec)
     with atomic_dir(out_dir) as tmp:
         raw.save_to_disk(str(tmp / "data"))
-        write_json(tmp / "source.json", {"spec": spec, "rows": {k: len(v) for k, v in raw.items()}})
+        write_json(tmp / "source.json", record)
 
 
 def fetch_model(spec, out_dir):

@@ -1,6 +1,8 @@
-"""Chat templates by name. Each marks assistant output with {% generation %} so that the
-assistant-only loss mask comes from the template itself (transformers' own mechanism)."""
+"""Chat templates by name. The named ones render like the recipe's (PEFT examples/sft) and
+also mark assistant output with {% generation %}, so that the assistant-only loss mask comes
+from the template itself (transformers' own mechanism)."""
 
+import re
 from pathlib import Path
 
 CHATML = (
@@ -32,19 +34,37 @@ FORMAT_TOKENS = {
     "chatml": ["<|im_start|>", "<|im_end|>"],
     "zephyr": ["<|system|>", "<|user|>", "<|assistant|>"],
 }
+# The token that ends an assistant turn becomes the tokenizer's EOS (as in the recipe), so
+# that generation stops there.
+FORMAT_EOS = {"chatml": "<|im_end|>"}
+
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def has_generation_block(template):
+    """Whether `template` marks assistant output with {% generation %} (needed for masks)."""
+    return bool(GENERATION_BLOCK.search(template or ""))
 
 
 def chat_template(fmt, tokenizer=None):
     """The Jinja template for `fmt`: a named format, 'tokenizer' (the model's own), or a file."""
+    from .data import DataError  # data imports this module
+
     if fmt == "chatml":
         return CHATML
     if fmt == "zephyr":
         return ZEPHYR
     if fmt == "tokenizer":
-        if tokenizer is None or not tokenizer.chat_template:
-            raise ValueError("data.chat_template_format: 'tokenizer' but the model's tokenizer has no chat template")
-        return tokenizer.chat_template
+        template = getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # several named templates: the default one
+            template = template.get("default")
+        if not template:
+            raise DataError("data.chat_template_format: 'tokenizer' but the model's tokenizer has no chat template")
+        return template
     path = Path(fmt)
     if not path.is_file():
-        raise ValueError(f"data.chat_template_format: {fmt!r} is neither chatml, zephyr, tokenizer nor a file")
-    return path.read_text()
+        raise DataError(f"data.chat_template_format: {fmt!r} is neither chatml, zephyr, tokenizer nor an existing file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"data.chat_template_format: {fmt} is empty")
+    return text
