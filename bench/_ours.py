@@ -1,0 +1,93 @@
+"""shardtune's training entry point (`-m shardtune.train`) with the bench hooks: a step timer
+added to the trainer's callbacks and, on request, a proposed fix applied on top.
+
+    accelerate launch --config_file X.yaml bench/_ours.py --timer T.json [--fix per-row-attention] \
+        -- <shardtune.train arguments>
+
+Everything else is shardtune.train.main unchanged.
+"""
+
+import argparse
+import sys
+
+import shardtune.train as train  # applies the CPU FSDP shim before Accelerate's state exists
+
+from benchlib import step_timer
+
+
+def add_timer(path, reset_peak):
+    base = train.SFTTrainer
+
+    class TimedSFTTrainer(base):
+        def __init__(self, *args, callbacks=None, **kwargs):
+            super().__init__(*args, callbacks=[*(callbacks or []), step_timer(path, reset_peak)], **kwargs)
+
+    train.SFTTrainer = TimedSFTTrainer
+
+
+def per_row_attention():
+    """Proposed fix: keep a batch of packed rows as [batch, max_seq_len] instead of flattening
+    it into one [1, batch * max_seq_len] sequence. Position ids still restart at every packed
+    conversation and no attention mask is passed, so sequences stay isolated (transformers
+    builds the block-diagonal mask per row), but attention costs batch * L^2 instead of
+    (batch * L)^2, and its mask and scores shrink by the same factor."""
+    import torch
+
+    from shardtune.modeling import packed_position_ids
+
+    original = train.sft_config
+
+    def sft_config(settings, output_dir):
+        config = original(settings, output_dir)
+        config.packing = False  # rows are packed by the prepare step already
+        config.padding_free = False
+        return config
+
+    class PackedRowsCollator:
+        def __init__(self, pad_token_id):
+            self.pad = pad_token_id
+
+        def __call__(self, rows):
+            width = max(len(r["input_ids"]) for r in rows)
+            ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+            labels = torch.full((len(rows), width), -100, dtype=torch.long)
+            positions = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, row in enumerate(rows):
+                n = len(row["input_ids"])
+                ids[i, :n] = torch.as_tensor(row["input_ids"])
+                labels[i, :n] = torch.as_tensor(row["labels"])
+                positions[i, :n] = packed_position_ids(row["seq_lengths"])
+                positions[i, n:] = torch.arange(width - n)  # the padding is a sequence of its own
+            labels[positions == 0] = -100  # no loss across a boundary (as TRL's padding-free collator)
+            return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+    base = train.SFTTrainer
+
+    class RowsSFTTrainer(base):
+        def __init__(self, *args, processing_class=None, **kwargs):
+            collator = PackedRowsCollator(processing_class.pad_token_id)
+            super().__init__(*args, processing_class=processing_class, data_collator=collator, **kwargs)
+
+    train.sft_config = sft_config
+    train.SFTTrainer = RowsSFTTrainer
+
+
+FIXES = {"per-row-attention": per_row_attention}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--timer", required=True, help="JSON file for the step times (one per rank)")
+    parser.add_argument("--fix", choices=sorted(FIXES), action="append", default=[], help="apply a proposed fix")
+    parser.add_argument("--reset-peak", action="store_true", help="count peak RSS from the start of training")
+    args = parser.parse_args(argv[:split])
+    for fix in args.fix:
+        FIXES[fix]()
+    add_timer(args.timer, args.reset_peak)
+    train.main(argv[split + 1 :])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Figure 1: training throughput (non-pad tokens/s) of shardtune's training path against the
+recipe's, at identical settings: same model, data, batch, LoRA, FSDP2 on 2 CPU ranks.
+
+Runs are interleaved (ours, reference, ours, reference, ...) so that a change in the load of
+a shared machine hits both; each run times a fixed number of optimizer steps after warm-up.
+
+    python bench/throughput.py                      # the figure in BENCHMARKS.md
+    python bench/throughput.py --model tiny --steps 4 --warmup 1 --repeats 1   # smoke test
+"""
+
+import argparse
+import shutil
+from pathlib import Path
+
+import benchlib as bl
+
+PATHS = {
+    # name: (label, how to build the launch arguments)
+    "ours": "shardtune (accelerate launch -m shardtune.train)",
+    "ours-per-row": "shardtune + proposed fix: per-row attention",
+    "reference": "recipe train.py (eager attention: no flash-attn without a GPU)",
+    "reference-sdpa": "recipe train.py with sdpa attention (ours' kernel)",
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small", choices=sorted(bl.MODEL_SPECS), help="model shape (benchlib.MODEL_SPECS)")
+    p.add_argument("--batch", type=int, default=2, help="per-device batch size (packed rows)")
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per run, warm-up included")
+    p.add_argument("--warmup", type=int, default=2, help="optimizer steps not timed")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds")
+    p.add_argument("--conversations", type=int, default=10000, help="built-in data set size")
+    p.add_argument(
+        "--paths", default="ours,reference,reference-sdpa", help=f"comma-separated, from: {', '.join(PATHS)}"
+    )
+    p.add_argument("--work", type=Path, default=bl.DEFAULT_WORK)
+    p.add_argument("--out", type=Path, help="results JSON (default: <work>/throughput.json)")
+    args = p.parse_args(argv)
+    args.paths = args.paths.split(",")
+    unknown = [x for x in args.paths if x not in PATHS]
+    if unknown:
+        p.error(f"unknown path(s) {unknown}; choose from {', '.join(PATHS)}")
+    return args
+
+
+def launch_args(path, fx, settings_json, settings, run_dir, timer):
+    if path.startswith("ours"):
+        fix = "per-row-attention" if path == "ours-per-row" else None
+        return bl.ours_args(settings_json, fx, run_dir, timer, fix=fix)
+    attn = "sdpa" if path == "reference-sdpa" else None
+    return bl.reference_args(fx, settings, run_dir, timer, attn=attn)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    work = args.work
+    fx = bl.fixtures(work, args.model, args.conversations, args.max_seq_len)
+    config = bl.run_config(fx["model"], fx["dataset"], args.conversations, args.max_seq_len, args.batch, args.steps)
+    settings = bl.settings_of(config)
+    tag = f"throughput-{args.model}-b{args.batch}"
+    settings_json = work / tag / "train_settings.json"
+    bl.write_json(settings_json, settings)
+    accelerate_yaml = bl.write_accelerate_yaml(settings, work / tag / "accelerate.yaml")
+
+    runs = []
+    for round_ in range(args.repeats):
+        order = args.paths if round_ % 2 == 0 else args.paths[::-1]
+        for path in order:
+            run_dir = work / tag / f"{path}-{round_}"
+            timer = run_dir / "timer.json"
+            shutil.rmtree(run_dir, ignore_errors=True)  # never resume an earlier run's checkpoint
+            run_dir.mkdir(parents=True)
+            load = bl.load_average()
+            wall = bl.launch(
+                accelerate_yaml, launch_args(path, fx, settings_json, settings, run_dir, timer), run_dir / "log.txt"
+            )
+            records = bl.read_timer(timer, 2)
+            result = {"path": path, "round": round_, "load_before": load, "wall_s": wall, **bl.throughput(records, args.warmup)}
+            result["threads"] = records[0]["threads"]
+            runs.append(result)
+            print(f"{path:15s} round {round_}: {result['tokens_per_s']:8.0f} tokens/s, "
+                  f"{result['s_per_step']:.2f} s/step, wall {wall:.0f} s, load {load}", flush=True)
+
+    summary = {}
+    for path in args.paths:
+        mine = [r for r in runs if r["path"] == path]
+        summary[path] = {"tokens_per_s": bl.geomean(r["tokens_per_s"] for r in mine), "wall_s": bl.geomean(r["wall_s"] for r in mine)}
+    base = "ours" if "ours" in args.paths else args.paths[0]
+    ratios = []
+    for path in args.paths:
+        if path == base:
+            continue
+        per_round = [
+            a["tokens_per_s"] / b["tokens_per_s"]
+            for a, b in zip([r for r in runs if r["path"] == base], [r for r in runs if r["path"] == path])
+        ]
+        ratios.append({"pair": f"{base} / {path}", "per_round": per_round, "geomean": bl.geomean(per_round)})
+    out = args.out or work / f"{tag}.json"
+    bl.write_json(out, {"args": vars(args), "machine": bl.machine(), "settings": settings, "runs": runs, "summary": summary, "ratios": ratios})
+
+    print()
+    print(f"{bl.machine()}; model {args.model}, batch {args.batch}/device x 2 ranks, max_seq_len {args.max_seq_len}, "
+          f"{args.steps - args.warmup} timed steps after {args.warmup}")
+    print(bl.table([{"path": p, "label": PATHS[p], **s} for p, s in summary.items()],
+                   [("path", "path", None), ("label", "what", None), ("tokens_per_s", "tokens/s", "{:.0f}"), ("wall_s", "wall s", "{:.0f}")]))
+    for r in ratios:
+        print(f"{r['pair']}: {r['geomean']:.2f}x (per round: {', '.join(f'{x:.2f}' for x in r['per_round'])})")
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
