@@ -56,8 +56,8 @@ def test_sigkill_during_training_then_the_same_command_resumes_exactly(demo_run,
     assert steps == sorted(steps) and steps[-1] > 10  # the step count continued
     assert all((c / MARKER).exists() for c in checkpoints(train))
 
-    ours = adapter_state(done["checkpoint"])
-    theirs = adapter_state(reference["checkpoint"])
+    ours = adapter_state(train / done["checkpoint"])
+    theirs = adapter_state(demo_run / "results/demo/train" / reference["checkpoint"])
     assert ours.keys() == theirs.keys()
     diff = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
     assert diff <= 1e-6, f"resumed adapter differs from the uninterrupted run's by {diff}"

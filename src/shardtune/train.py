@@ -262,7 +262,7 @@ def main(argv=None):
         write_json(
             args.done,
             {
-                "checkpoint": str(last),
+                "checkpoint": last.name,  # relative to the training directory
                 "global_step": trainer.state.global_step,
                 "distributed_type": distributed,
                 "num_processes": state.num_processes,
@@ -271,7 +271,7 @@ def main(argv=None):
                 "attn_implementation": attn,
                 "train_loss": result.training_loss,
                 "metrics": result.metrics,
-                "resumed_from": str(resume) if resume else None,
+                "resumed_from": resume.name if resume else None,
                 "peak_memory_gib_per_rank": peaks,
                 "fingerprint": stamp,
             },
