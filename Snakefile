@@ -21,6 +21,8 @@ include: "workflow/rules/memory.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/convert.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/merge.smk"
+include: "workflow/rules/report.smk"
 include: "workflow/rules/hub.smk"
 
 
@@ -28,6 +30,8 @@ rule all:
     default_target: True
     input:
         "results/summary.tsv",
+        report_outputs(),
+        each_run("results/{run}/merged", merged_only=True),
 
 
 rule data:
@@ -48,6 +52,11 @@ rule convert:
 rule evaluate:
     input:
         run_outputs("evaluate"),
+
+
+rule merge:
+    input:
+        each_run("results/{run}/merged", merged_only=True),
 
 
 rule upload:

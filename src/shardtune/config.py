@@ -12,7 +12,7 @@ import yaml
 from .errors import UserError
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
-SECTIONS = ("dataset", "model", "data", "lora", "quantization", "fsdp", "training", "evaluate", "hub", "memory", "resources")
+SECTIONS = ("dataset", "model", "data", "lora", "quantization", "fsdp", "training", "convert", "merge", "evaluate", "hub", "memory", "resources")
 
 
 class ConfigError(UserError):

@@ -1,16 +1,20 @@
 """Sharded FSDP checkpoint -> PEFT adapter directory, proven to load and to reproduce the
-trained model's logits."""
+trained model's logits.
 
-import shutil
+Which checkpoint: `convert.checkpoint` is `last` (what done.json names), `best` (lowest
+eval_loss among the complete checkpoints, from the Trainer's log_history) or a step number.
+"""
+
 import tempfile
 from pathlib import Path
 
 import torch
 from accelerate.utils import merge_fsdp_weights
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
+from .checkpoints import checkpoints, is_complete
 from .errors import UserError
 from .io import atomic_dir, read_json, write_json
 from .modeling import load_base_model
@@ -25,8 +29,47 @@ class ConversionError(UserError):
     pass
 
 
+def _step(path):
+    return int(Path(path).name.rsplit("-", 1)[1])
+
+
+def eval_losses(train_dir):
+    """{step: eval_loss} of every evaluation logged so far (the last checkpoint's log_history
+    holds all of them)."""
+    complete = [p for p in checkpoints(train_dir) if is_complete(p)]
+    if not complete:
+        return {}
+    history = read_json(complete[-1] / "trainer_state.json")["log_history"]
+    return {entry["step"]: entry["eval_loss"] for entry in history if "eval_loss" in entry}
+
+
+def select_checkpoint(train_dir, last, choice):
+    """(checkpoint dir, why) for `choice`: 'last', 'best' or a step number."""
+    complete = {_step(p): p for p in checkpoints(train_dir) if is_complete(p)}
+    if choice == "last":
+        return Path(train_dir) / Path(last).name, "the last checkpoint"  # done.json names it relative to train_dir
+    if choice == "best":
+        losses = eval_losses(train_dir)
+        scored = {step: losses[step] for step in complete if step in losses}
+        if not scored:
+            raise ConversionError(
+                f"convert.checkpoint: best: no complete checkpoint in {train_dir} has an eval_loss logged at its step "
+                f"(evaluated at steps {sorted(losses) or 'none'}, saved at {sorted(complete)}); evaluate where you "
+                "save (training.eval_strategy: steps with eval_steps equal to save_steps, or both per epoch)"
+            )
+        step = min(scored, key=lambda s: (scored[s], -s))
+        return complete[step], f"the best checkpoint by eval_loss ({scored[step]:.6g} at step {step})"
+    if choice not in complete:
+        raise ConversionError(
+            f"convert.checkpoint: {choice}: no complete checkpoint-{choice} in {train_dir} (have {sorted(complete)})"
+        )
+    return complete[choice], f"checkpoint {choice}, as configured"
+
+
 def adapter_state(checkpoint):
-    """The LoRA weights of a sharded checkpoint, with PEFT's key names."""
+    """The adapter weights of a sharded checkpoint, with PEFT's key names (the checkpoint holds
+    what PEFT's get_peft_model_state_dict returns: LoRA/DoRA weights, modules_to_save, and the
+    embedding matrices when the vocabulary was resized)."""
     with tempfile.TemporaryDirectory() as tmp:
         merge_fsdp_weights(str(Path(checkpoint) / "pytorch_model_fsdp_0"), tmp, safe_serialization=True)
         state = load_file(str(Path(tmp) / "model.safetensors"))
@@ -34,44 +77,95 @@ def adapter_state(checkpoint):
     return {key.replace(".default.", "."): tensor.contiguous() for key, tensor in state.items()}
 
 
-def probe_difference(model_dir, adapter_dir, settings, probe_file, vocab_size):
-    probe = load_file(str(probe_file))
+def embedding_rows(state):
+    """Rows of the embedding matrix the adapter carries (None when it carries none)."""
+    rows = [t.shape[0] for k, t in state.items() if "embed_tokens" in k and t.dim() == 2 and "lora" not in k]
+    return max(rows) if rows else None
+
+
+def pad_tokenizer(tokenizer, size):
+    """Reserve unused special tokens so that len(tokenizer) equals the embedding rows training
+    padded to (pad_to_multiple_of=8). AutoPeftModelForCausalLM resizes the base to
+    len(tokenizer) before loading; without this, the saved embeddings would not fit."""
+    added, i = [], 0
+    while len(tokenizer) + len(added) < size:
+        name = f"<|reserved_{i}|>"
+        if name not in tokenizer.get_vocab():
+            added.append(name)
+        i += 1
+    if added:
+        tokenizer.add_tokens(added, special_tokens=True)
+    return added
+
+
+@torch.no_grad()
+def _logits(model, probe):
+    return model(input_ids=probe["input_ids"], position_ids=probe["position_ids"], use_cache=False).logits.float()
+
+
+def checkpoint_logits(model_dir, settings, lora_config, state, probe, vocab_size):
+    """Logits of the model as resuming training would restore it (the checkpoint's state set
+    into a fresh PEFT model), for checkpoints that have no probe of their own."""
+    model = get_peft_model(load_base_model(model_dir, settings, vocab_size), lora_config).eval()
+    result = set_peft_model_state_dict(model, state)
+    if result.unexpected_keys:
+        raise ConversionError(f"checkpoint keys the model does not have: {result.unexpected_keys[:5]}")
+    return _logits(model, probe)
+
+
+def reloaded_logits(model_dir, adapter_dir, settings, probe, vocab_size):
     base = load_base_model(model_dir, settings, vocab_size)
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"], position_ids=probe["position_ids"], use_cache=False).logits
-    return float((logits.float() - probe["logits"]).abs().max())
+    return _logits(PeftModel.from_pretrained(base, adapter_dir).eval(), probe)
 
 
 def convert(train_done, model_dir, data_dir, settings, out_dir, log=print):
     done = read_json(train_done)
     train_dir = Path(train_done).parent
-    checkpoint = Path(done["checkpoint"])
-    log(f"converting {checkpoint} (step {done['global_step']})")
+    checkpoint, why = select_checkpoint(train_dir, done["checkpoint"], settings["convert"]["checkpoint"])
+    step = _step(checkpoint)
+    log(f"converting {checkpoint} (step {step}): {why}")
     state = adapter_state(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(Path(data_dir) / "tokenizer")
+    reserved = pad_tokenizer(tokenizer, embedding_rows(state) or 0)
+    if reserved:
+        log(f"tokenizer: {len(reserved)} reserved tokens pad it to the {len(tokenizer)} embedding rows")
+    probe = load_file(str(train_dir / "probe.safetensors"))
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        shutil.copy(train_dir / "adapter_config" / "adapter_config.json", tmp / "adapter_config.json")
-        config = read_json(tmp / "adapter_config.json")
+        config = read_json(train_dir / "adapter_config" / "adapter_config.json")
         source = settings["model"]["source"]
         config["base_model_name_or_path"] = source[3:] if source.startswith("hf:") else model_path(model_dir)
         config["revision"] = settings["model"]["revision"]
         write_json(tmp / "adapter_config.json", config)
         tokenizer.save_pretrained(tmp)
-        diff = probe_difference(model_dir, tmp, settings, train_dir / "probe.safetensors", len(tokenizer))
-        tolerance = TOLERANCE[done["mixed_precision"]]
-        log(f"max abs logit difference vs the trained model: {diff:.3g} (tolerance {tolerance:g})")
+
+        logits = reloaded_logits(model_dir, tmp, settings, probe, len(tokenizer))
+        if step == done["global_step"]:
+            # The probe holds the trained model's own logits at the end of training.
+            reference, against = probe["logits"], "the trained model (probe logits written by training)"
+            tolerance = TOLERANCE[done["mixed_precision"]]
+        else:
+            lora = LoraConfig.from_pretrained(train_dir / "adapter_config")
+            reference = checkpoint_logits(model_dir, settings, lora, state, probe, len(tokenizer))
+            against, tolerance = f"checkpoint {step} restored as for resuming", TOLERANCE["no"]
+        diff = float((logits - reference).abs().max())
+        log(f"max abs logit difference vs {against}: {diff:.3g} (tolerance {tolerance:g})")
         if not diff <= tolerance:
             raise ConversionError(
-                f"the converted adapter does not reproduce the trained model: max abs logit diff {diff:.3g} > {tolerance:g}"
+                f"the converted adapter does not reproduce {against}: max abs logit diff {diff:.3g} > {tolerance:g}"
             )
         write_json(
             tmp / "conversion.json",
             {
                 "checkpoint": str(checkpoint),
-                "global_step": done["global_step"],
+                "selected": settings["convert"]["checkpoint"],
+                "why": why,
+                "global_step": step,
+                "last_step": done["global_step"],
+                "eval_loss": eval_losses(train_dir).get(step),
                 "tensors": len(state),
+                "reserved_tokens": reserved,
+                "verified_against": against,
                 "max_abs_logit_diff": diff,
                 "tolerance": tolerance,
             },

@@ -1,5 +1,12 @@
-"""Evaluation: eval loss and perplexity of the base and the tuned model on the test split."""
+"""Evaluation of the base and the tuned model: eval loss and perplexity on the prepared test
+split; exact-match accuracy of greedy generations per task family and side-by-side samples on
+the raw test conversations; optional lm-evaluation-harness tasks on the tuned model.
 
+"base" is the tuned model with its adapter disabled: the model training started from,
+including the (resized) embeddings training saw."""
+
+import contextlib
+import json
 import math
 from pathlib import Path
 
@@ -10,8 +17,12 @@ from peft import PeftModel
 from transformers import AutoTokenizer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from .errors import UserError
+from .generation import exact_match, generate, split_conversation
 from .io import write_json
 from .modeling import load_base_model
+
+MODELS = ("base", "tuned")
 
 
 @torch.no_grad()
@@ -32,27 +43,157 @@ def eval_loss(model, rows, collator, batch_size, device):
     return {"eval_loss": mean, "perplexity": math.exp(mean), "tokens": count}
 
 
-def evaluate(model_dir, data_dir, adapter_dir, settings, out_dir, log=print):
+def pick_conversations(test, per_task, samples):
+    """Indices of the raw test conversations to generate for: the first `per_task` of each task
+    family (when the data set has a `task` column) and the first `samples` overall."""
+    sample_ids = list(range(min(samples, len(test))))
+    by_task = {}
+    if per_task and "task" in test.column_names:
+        for i, task in enumerate(test["task"]):
+            chosen = by_task.setdefault(task, [])
+            if len(chosen) < per_task:
+                chosen.append(i)
+    return sample_ids, by_task
+
+
+def generations(model, tokenizer, test, indices, settings, log):
+    """{index: {prompt, reference, task, base, tuned}} for the test conversations `indices`."""
+    e = settings["evaluate"]
+    rows = {}
+    for i in indices:
+        split = split_conversation(test[i]["messages"])
+        if split:
+            rows[i] = {"prompt": split[0], "reference": split[1], "task": test[i].get("task")}
+    prompts = [r["prompt"] for r in rows.values()]
+    for name in MODELS:
+        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
+            out = generate(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=e["max_new_tokens"],
+                batch_size=e["generation_batch_size"],
+                seed=e["seed"],
+            )
+        for row, text in zip(rows.values(), out):
+            row[name] = text
+        log(f"{name}: generated {len(out)} completions")
+    return rows
+
+
+def task_accuracy(rows, by_task):
+    table = {}
+    for task, indices in sorted(by_task.items()):
+        scored = [rows[i] for i in indices if i in rows]
+        table[task] = {"n": len(scored)} | {
+            name: sum(exact_match(r[name], r["reference"]) for r in scored) / max(1, len(scored)) for name in MODELS
+        }
+    return table
+
+
+def run_lm_eval(model, tokenizer, settings, log):
+    """lm-evaluation-harness tasks on the tuned model (an in-memory PEFT model, so that the
+    base is loaded exactly as everywhere else); custom tasks come from evaluate.lm_eval_include."""
+    e = settings["evaluate"]
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError(
+            "evaluate.lm_eval_tasks is set but lm-eval is not installed: pip install 'shardtune[lm-eval]'"
+        ) from None
+    include = e["lm_eval_include"]
+    if include and not Path(include).is_dir():
+        raise UserError(f"evaluate.lm_eval_include: {include} is not a directory")
+    manager = TaskManager(include_path=include)
+    unknown = [t for t in e["lm_eval_tasks"] if t not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"evaluate.lm_eval_tasks: unknown task(s) {', '.join(unknown)} (include path: {include})")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=e["batch_size"])
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=e["lm_eval_tasks"],
+        task_manager=manager,
+        limit=e["lm_eval_limit"],
+        log_samples=False,
+        random_seed=e["seed"],
+        numpy_random_seed=e["seed"],
+        torch_random_seed=e["seed"],
+        fewshot_random_seed=e["seed"],
+    )
+    results = json.loads(json.dumps(out["results"], default=str))
+    log(f"lm-eval: {results}")
+    return {"version": lm_eval.__version__, "tasks": e["lm_eval_tasks"], "results": results}
+
+
+def _write_tsv(path, header, rows):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(["\t".join(header)] + ["\t".join(map(str, r)) for r in rows]) + "\n")
+    tmp.replace(path)
+
+
+def _write_jsonl(path, rows):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def evaluate(model_dir, data_dir, dataset_dir, adapter_dir, settings, out_dir, log=print):
     out_dir = Path(out_dir)
+    e = settings["evaluate"]
     test = datasets.load_from_disk(str(Path(data_dir) / "data"))["test"]
+    raw_test = datasets.load_from_disk(str(Path(dataset_dir) / "data"))["test"]
     tokenizer = AutoTokenizer.from_pretrained(Path(data_dir) / "tokenizer")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     collator = DataCollatorForLanguageModeling(
         pad_token_id=tokenizer.pad_token_id, padding_free=settings["data"]["packing"]
     )
-    batch_size = settings["evaluate"]["batch_size"]
     base = load_base_model(model_dir, settings, len(tokenizer)).to(device)
-    metrics = {"base": eval_loss(base, test, collator, batch_size, device)}
-    log(f"base:  {metrics['base']}")
-    tuned = PeftModel.from_pretrained(base, adapter_dir)
-    metrics["tuned"] = eval_loss(tuned, test, collator, batch_size, device)
-    log(f"tuned: {metrics['tuned']}")
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+
+    metrics = {}
+    for name in MODELS:
+        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
+            metrics[name] = eval_loss(model, test, collator, e["batch_size"], device)
+        log(f"{name}: {metrics[name]}")
+
+    sample_ids, by_task = pick_conversations(raw_test, e["per_task"], e["samples"])
+    wanted = sorted(set(sample_ids).union(*by_task.values()))
+    rows = generations(model, tokenizer, raw_test, wanted, settings, log) if wanted else {}
+    accuracy = task_accuracy(rows, by_task)
+    scored = [rows[i] for ids in by_task.values() for i in ids if i in rows]
+    for name in MODELS:
+        metrics[name]["accuracy"] = (
+            sum(exact_match(r[name], r["reference"]) for r in scored) / len(scored) if scored else None
+        )
+    metrics["task_accuracy"] = accuracy
+    metrics["generation"] = {k: e[k] for k in ("per_task", "samples", "max_new_tokens", "seed")} | {
+        "decoding": "greedy",
+        "prompts": len(rows),
+    }
+    if e["lm_eval_tasks"]:
+        metrics["lm_eval"] = run_lm_eval(model, tokenizer, settings, log)
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = ["model\teval_loss\tperplexity\ttokens"] + [
-        f"{name}\t{m['eval_loss']:.6f}\t{m['perplexity']:.4f}\t{m['tokens']}" for name, m in metrics.items()
-    ]
-    tsv = out_dir / "metrics.tsv"
-    tsv.with_suffix(".tsv.tmp").write_text("\n".join(rows) + "\n")
-    tsv.with_suffix(".tsv.tmp").replace(tsv)
+    _write_tsv(
+        out_dir / "metrics.tsv",
+        ["model", "eval_loss", "perplexity", "tokens"],
+        [(n, f"{metrics[n]['eval_loss']:.6f}", f"{metrics[n]['perplexity']:.4f}", metrics[n]["tokens"]) for n in MODELS],
+    )
+    acc_rows = [(t, a["n"], f"{a['base']:.4f}", f"{a['tuned']:.4f}") for t, a in accuracy.items()]
+    if scored:
+        acc_rows.append(("all", len(scored), f"{metrics['base']['accuracy']:.4f}", f"{metrics['tuned']['accuracy']:.4f}"))
+    _write_tsv(out_dir / "accuracy.tsv", ["task", "n", "base", "tuned"], acc_rows)
+    _write_jsonl(
+        out_dir / "samples.jsonl",
+        [
+            {"index": i, **rows[i], **{f"{n}_correct": exact_match(rows[i][n], rows[i]["reference"]) for n in MODELS}}
+            for i in sample_ids
+            if i in rows
+        ],
+    )
     write_json(out_dir / "metrics.json", metrics)
     return metrics

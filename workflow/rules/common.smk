@@ -159,3 +159,30 @@ def every_save_settings(wildcards):
     if not (s["hub"]["push"] and s["hub"]["strategy"] == "every_save"):
         return "null"
     return json.dumps({"hub": s["hub"], "dataset": s["dataset"]})
+
+
+def eval_inputs(wildcards):
+    """run_inputs plus the fetched data set: its raw test conversations are what the
+    evaluation generates answers for."""
+    s = RUNS[wildcards.run]
+    return run_inputs(wildcards) | {
+        "dataset": f"resources/datasets/{stconfig.dataset_key(s)}"
+    }
+
+
+def each_run(pattern, merged_only=False):
+    """`pattern` with {run} filled in for every run (with merge.enabled, if merged_only)."""
+    return [
+        pattern.format(run=run)
+        for run, s in sorted(RUNS.items())
+        if s["merge"]["enabled"] or not merged_only
+    ]
+
+
+def report_outputs():
+    """Everything the report shows besides the summary: per-run pages and figures."""
+    return [
+        path
+        for name in ("overview.html", "loss.png", "learning_rate.png", "throughput.png")
+        for path in each_run(f"results/{{run}}/eval/{name}")
+    ]

@@ -11,6 +11,6 @@ rule convert_checkpoint:
     conda:
         "../../envs/train.yaml"
     params:
-        settings=settings_of("model", "quantization"),
+        settings=settings_of("model", "quantization", "convert"),
     script:
         "../scripts/convert_checkpoint.py"
