@@ -157,7 +157,7 @@ def _parse_json_text(value, field):
         return None, f"invalid JSON: {field} holds text that is not JSON ({err.msg})"
 
 
-def _render_batch(batch, *, fmt, fields, json_fields, template, template_kwargs):
+def _render_batch(batch, *, fmt, fields, template, template_kwargs):
     """datasets.map function: one batch of raw rows -> text, assistant char spans, reason."""
     n = len(batch[ROW_COLUMN])
     texts, spans, reasons = [""] * n, [[] for _ in range(n)], [""] * n
@@ -176,7 +176,7 @@ def _render_batch(batch, *, fmt, fields, json_fields, template, template_kwargs)
         values, reason = {}, None
         for field, column in fields.items():
             values[field] = batch[column][i]
-            if column in json_fields or (fmt != "prompt_completion" and isinstance(values[field], str)):
+            if fmt != "prompt_completion" and isinstance(values[field], str):  # e.g. from CSV
                 values[field], reason = _parse_json_text(values[field], column)
                 if reason:
                     break
@@ -309,7 +309,8 @@ class _Clock:
 
 
 def _kind(reason):
-    return reason.split(":", 1)[0]
+    """The reason's kind, for counting: 'unknown role: messages[2] ...' -> 'unknown role'."""
+    return reason.split(":", 1)[0].split(" (", 1)[0]
 
 
 def _row_of(index, rows):
@@ -350,7 +351,7 @@ def _bad_row_error(report, row, reason, others):
     return DataError(f"{report.where(row)}: {reason}{more}; set data.on_bad_row: skip to drop such rows")
 
 
-def prepare_split(ds, split, cfg, tokenizer, *, report, json_fields=(), num_proc=1, log=print):
+def prepare_split(ds, split, cfg, tokenizer, *, report, num_proc=1, log=print):
     """Render, check, tokenize, mask and (optionally) pack one split.
 
     Returns (prepared Dataset, stats dict, lengths array). Raises DataError for a bad row when
@@ -383,7 +384,6 @@ def prepare_split(ds, split, cfg, tokenizer, *, report, json_fields=(), num_proc
         fn_kwargs=dict(
             fmt=fmt,
             fields=fields,
-            json_fields=set(json_fields),
             template=template,
             template_kwargs=dict(tokenizer.special_tokens_map),
         ),
@@ -402,6 +402,8 @@ def prepare_split(ds, split, cfg, tokenizer, *, report, json_fields=(), num_proc
         dropped.update(_kind(r) for r in pc.filter(reasons, pa.array(bad)).to_pylist())
     clock.lap("render")
     good = np.flatnonzero(~bad)
+    if len(good) == 0:
+        raise DataError(f"{where}: no usable conversation left in split '{split}' (dropped: {dict(dropped)})")
     good_table = table.take(pa.array(good))
     texts = good_table.column("text").to_pylist()
     spans = good_table.column("spans").to_pylist() if assistant_only else [[] for _ in texts]
@@ -577,7 +579,6 @@ def prepare(dataset_dir, model_dir, settings, out_dir, log=print, num_proc=None)
             cfg,
             tokenizer,
             report=report,
-            json_fields=record.get("json_columns", []),
             num_proc=num_proc,
             log=log,
         )

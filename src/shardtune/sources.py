@@ -2,10 +2,9 @@
 (built-in, local directory, hub), each into resources/ under a content key.
 
 A fetched data set is `data/` (a DatasetDict with `train` and `test`, saved with
-`save_to_disk`) plus `source.json`: where each split came from, the source row number of
-every row (column `ROW_COLUMN`), JSON lines that could not be parsed, and columns that had to
-be stored as JSON text because their values had mixed types. The prepare step reads these to
-name the file and row of a bad conversation."""
+`save_to_disk`) plus `source.json`: where each split came from and the JSON lines that could
+not be parsed; every row keeps its source row number (column `ROW_COLUMN`). The prepare step
+reads these to name the file and row of a bad conversation."""
 
 import json
 from pathlib import Path
@@ -28,12 +27,11 @@ class SourceError(UserError):
 class Loaded:
     """A loaded source: its splits plus what the prepare step needs to report bad rows."""
 
-    def __init__(self, splits, origin, bad_lines=(), json_columns=(), available=None):
+    def __init__(self, splits, origin, bad_lines=(), available=None):
         self.splits = splits  # {split name: Dataset}
         self.origin = origin  # {split name: "file or hub id"}
         self.available = list(available or splits)  # every split the source has
         self.bad_lines = list(bad_lines)  # [{"file", "line", "reason"}]
-        self.json_columns = sorted(json_columns)
 
 
 def _json_rows(path):
@@ -73,38 +71,21 @@ def _json_rows(path):
 
 
 def _from_rows(rows):
-    """A Dataset from parsed rows. A column whose values Arrow cannot give one type (a string
-    here, a number there) is kept as JSON text so that each row can be checked later."""
-    try:
-        return datasets.Dataset.from_list(rows), set()
-    except Exception:  # pyarrow raises several types for mixed values
-        pass
+    """A Dataset from parsed rows; a field with values of several types becomes a Json field,
+    so that every row can still be checked (and named) by the prepare step."""
     names = list(dict.fromkeys(key for row in rows for key in row))
-    table, json_columns = {}, set()
-    for name in names:
-        values = [row.get(name) for row in rows]
-        if all(v is None or isinstance(v, str) for v in values):
-            table[name] = values
-            continue
-        try:
-            datasets.Dataset.from_dict({name: values})
-            table[name] = values
-        except Exception:
-            table[name] = [None if v is None else json.dumps(v) for v in values]
-            json_columns.add(name)
-    return datasets.Dataset.from_dict(table), json_columns
+    return datasets.Dataset.from_dict({name: [row.get(name) for row in rows] for name in names}, on_mixed_types="use_json")
 
 
 def _load_json(path):
     try:  # fast path: the Arrow JSON reader
-        return datasets.load_dataset("json", data_files={"train": str(path)}, split="train"), [], set()
+        return datasets.load_dataset("json", data_files={"train": str(path)}, split="train"), []
     except Exception:
         rows, bad = _json_rows(path)
     if not rows:
         detail = f" ({len(bad)} bad lines, the first: line {bad[0]['line']}: {bad[0]['reason']})" if bad else ""
         raise SourceError(f"{path}: no usable row{detail}")
-    ds, json_columns = _from_rows(rows)
-    return ds, bad, json_columns
+    return _from_rows(rows), bad
 
 
 def _load_file(path):
@@ -116,7 +97,7 @@ def _load_file(path):
     if fmt == "json":
         return _load_json(path)
     try:
-        return datasets.load_dataset(fmt, data_files={"train": str(path)}, split="train"), [], set()
+        return datasets.load_dataset(fmt, data_files={"train": str(path)}, split="train"), []
     except Exception as err:  # the loaders raise many types; name the file
         raise SourceError(f"{path}: cannot be read as {fmt}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
@@ -137,9 +118,9 @@ def _load_local(path, wanted):
             return Loaded(dict(loaded), {name: f"{path} (split '{name}')" for name in loaded}, available=list(loaded))
         # A folder of data files (train.jsonl, test.parquet, ...): the same loader as for the hub.
         return _load_hub(str(path), None, None, wanted, label=str(path))
-    ds, bad, json_columns = _load_file(path)
+    ds, bad = _load_file(path)
     # One file is one split: the first of dataset.splits.
-    return Loaded({wanted[0]: ds}, {wanted[0]: str(path)}, bad, json_columns)
+    return Loaded({wanted[0]: ds}, {wanted[0]: str(path)}, bad)
 
 
 def _load_hub(name, subset, revision, wanted, label):
@@ -205,7 +186,6 @@ def load_source(spec):
         "rows": {name: len(ds) for name, ds in raw.items()},
         "origin": origin,
         "bad_lines": loaded.bad_lines,
-        "json_columns": loaded.json_columns,
     }
     return raw, record
 
