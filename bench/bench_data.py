@@ -80,6 +80,11 @@ class PeakRSS:
         self.mib = (self.peak - self.base) / 2**20
 
 
+def cpu_seconds():
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def run_ours(raw, tokenizer, cfg, num_proc):
     from shardtune.data import SplitReport, prepare_split
 
@@ -152,6 +157,7 @@ def main(argv=None):
         trainer, sft_args = make_recipe_trainer(tokenizer, args.max_seq_len, workdir)
         times = {name: [] for name in [*variants, "recipe (render + SFTTrainer)"]}
         memory = {name: 0.0 for name in times}
+        cpu = {name: [] for name in times}
         tokens = None
         render_times = []
         for rep in range(args.repeats):
@@ -160,7 +166,7 @@ def main(argv=None):
                 order.reverse()
             for name in order:
                 with PeakRSS() as peak:
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), cpu_seconds()
                     if name in variants:
                         packed, stats = run_ours(raw, tokenizer, variants[name], args.num_proc)
                         tokens = stats["tokens"]
@@ -170,23 +176,27 @@ def main(argv=None):
                         render_times.append(render_s)
                         extra = f"{len(packed)} rows (render {render_s:.2f} s)"
                     elapsed = time.perf_counter() - start
+                    used = cpu_seconds() - start_cpu
                 del packed
                 times[name].append(elapsed)
+                cpu[name].append(used)
                 memory[name] = max(memory[name], peak.mib)
-                print(f"[{rep}] {name}: {elapsed:.2f} s, peak +{peak.mib:.0f} MiB, {extra}", flush=True)
+                print(f"[{rep}] {name}: {elapsed:.2f} s (cpu {used:.2f} s), peak +{peak.mib:.0f} MiB, {extra}", flush=True)
 
     ref = statistics.median(times["recipe (render + SFTTrainer)"])
-    cpu = platform.processor() or platform.machine()
+    ref_cpu = statistics.median(cpu["recipe (render + SFTTrainer)"])
+    machine = platform.processor() or platform.machine()
     print()
-    print(f"date: {datetime.date.today()}  machine: {os.cpu_count()}-core CPU ({cpu}), "
+    print(f"date: {datetime.date.today()}  machine: {os.cpu_count()}-core CPU ({machine}), "
           f"load average at end {os.getloadavg()[0]:.1f}")
     print(f"data: {args.conversations} synthetic two-role conversations, {tokens} tokens "
           f"(built-in {args.vocab_size}-token byte-level BPE), chatml, max_seq_len {args.max_seq_len}, packing")
-    print(f"{'path':40} {'median s':>9} {'conv/s':>9} {'tokens/s':>11} {'peak MiB':>9} {'speed-up':>9}")
+    print(f"{'path':40} {'median s':>9} {'conv/s':>9} {'tokens/s':>11} {'peak MiB':>9} {'speed-up':>9} "
+          f"{'cpu s':>7} {'cpu ratio':>9}")
     for name, values in times.items():
-        med = statistics.median(values)
+        med, med_cpu = statistics.median(values), statistics.median(cpu[name])
         print(f"{name:40} {med:9.2f} {args.conversations / med:9.0f} {tokens / med:11.0f} "
-              f"{memory[name]:9.0f} {ref / med:8.2f}x")
+              f"{memory[name]:9.0f} {ref / med:8.2f}x {med_cpu:7.2f} {ref_cpu / med_cpu:8.2f}x")
     print(f"process peak RSS (getrusage): {__import__('resource').getrusage(__import__('resource').RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

@@ -23,10 +23,12 @@ MODEL_SPECS = {
     "tiny": dict(hidden_size=128, intermediate_size=352, num_layers=2, num_heads=4, num_kv_heads=2),
     # ~25M parameters: compute dominates at max_seq_len 512
     "small": dict(hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=4),
-    # ~0.9B parameters, nearly all in the (untied) embeddings: the weights dominate memory while
-    # a step stays cheap (the memory benchmark)
-    "wide-vocab": dict(
-        hidden_size=1024, intermediate_size=2816, num_layers=2, num_heads=8, num_kv_heads=4, config_vocab=400_000
+    # ~1.1B parameters in 96 narrow decoder layers: the weights dominate memory (the memory
+    # benchmark); FSDP shards them layer by layer
+    "deep": dict(hidden_size=1024, intermediate_size=2816, num_layers=96, num_heads=8, num_kv_heads=4),
+    # TinyLlama-1.1B's shape (bench/gpu_mfu.py)
+    "llama-1b": dict(
+        hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4, config_vocab=32000
     ),
 }
 BASE_SPEC = dict(vocab_size=512, max_position_embeddings=2048, seed=0)
@@ -311,6 +313,11 @@ def ours_args(settings_json, fx, out_dir, timer, memory_json=None, fix=None, res
     args += ["--output", Path(out_dir) / "train", "--done", Path(out_dir) / "done.json"]
     args += ["--memory", memory_json] if memory_json else []
     return args
+
+
+def record_run(run_dir, settings_json, fx):
+    """run.json next to a shardtune run's done.json: what estimator_accuracy.py needs."""
+    write_json(Path(run_dir) / "run.json", {"settings": str(settings_json), "model_files": str(fx["model_files"])})
 
 
 def recipe_flags(fx, settings, out_dir):

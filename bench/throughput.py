@@ -76,6 +76,8 @@ def main(argv=None):
             wall = bl.launch(
                 accelerate_yaml, launch_args(path, fx, settings_json, settings, run_dir, timer), run_dir / "log.txt"
             )
+            if path.startswith("ours"):
+                bl.record_run(run_dir, settings_json, fx)
             records = bl.read_timer(timer, 2)
             result = {"path": path, "round": round_, "load_before": load, "wall_s": wall, **bl.throughput(records, args.warmup)}
             result["threads"] = records[0]["threads"]
