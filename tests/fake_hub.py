@@ -236,7 +236,11 @@ class _Handler(BaseHTTPRequestHandler):
         if files is None:
             return _error(404, "Revision not found", code="RevisionNotFound")
         sha = found.sha if rev == "main" else rev
-        return 200, {"id": repo, "private": found.private, "sha": sha, "siblings": [{"rfilename": p} for p in sorted(files)]}, None
+        return (
+            200,
+            {"id": repo, "private": found.private, "sha": sha, "siblings": [{"rfilename": p} for p in sorted(files)]},
+            None,
+        )
 
     def preupload(self, body, query, repo, rev):
         found, denied = self._repo(repo, write=True)

@@ -433,6 +433,17 @@ def test_every_save_checks_token_before_training_and_survives_a_failed_push(serv
     assert any("pushing step 10 failed" in line and "HTTP 503" in line for line in log)
 
 
+def test_every_save_dry_run_sends_nothing(server, train_dir, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    log = []
+    pusher = hub.CheckpointPusher(
+        settings_for(server.url, hub={"strategy": "every_save", "dry_run": True}), train_dir, log=log.append
+    )
+    pusher.push(train_dir / "checkpoint-10", 10)
+    assert pusher.finish() == {"pushed": [], "failed": []}
+    assert server.requests == [] and any("would push" in line for line in log)
+
+
 def test_every_save_callback_for_the_trainer(server, train_dir):
     assert hub.every_save_callback(settings_for(server.url), train_dir) is None  # strategy: end
     settings = settings_for(server.url, hub={"strategy": "every_save"})
@@ -443,7 +454,9 @@ def test_every_save_callback_for_the_trainer(server, train_dir):
     assert isinstance(callback, TrainerCallback)
     fake_checkpoint(train_dir, 5, 3.0)
     args = SimpleNamespace(output_dir=str(train_dir))
-    main, other = SimpleNamespace(is_world_process_zero=True, global_step=5), SimpleNamespace(is_world_process_zero=False, global_step=5)
+    main, other = SimpleNamespace(is_world_process_zero=True, global_step=5), SimpleNamespace(
+        is_world_process_zero=False, global_step=5
+    )
     for state in (other, main):
         callback.on_train_begin(args, state, None)
         callback.on_save(args, state, None, processing_class=None)

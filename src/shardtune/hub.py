@@ -206,7 +206,9 @@ def adapter_items(adapter_dir, base_model=None):
 
 def plot_files(eval_dir):
     eval_dir = Path(eval_dir)
-    return sorted(p for p in eval_dir.iterdir() if p.suffix in PLOT_SUFFIXES and p.is_file()) if eval_dir.is_dir() else []
+    return (
+        sorted(p for p in eval_dir.iterdir() if p.suffix in PLOT_SUFFIXES and p.is_file()) if eval_dir.is_dir() else []
+    )
 
 
 def _human(size):
@@ -243,28 +245,44 @@ def classify(err, endpoint, repo_id):
         seen = seen.__cause__ or seen.__context__
     err = seen if seen is not None else err
     if isinstance(err, OfflineModeIsEnabled):
-        return HubUnreachableError("HF_HUB_OFFLINE is set: unset it to publish (hub.dry_run: true needs no network)"), False
+        return (
+            HubUnreachableError("HF_HUB_OFFLINE is set: unset it to publish (hub.dry_run: true needs no network)"),
+            False,
+        )
     response = getattr(err, "response", None)
     if isinstance(err, HfHubHTTPError) and response is not None:
         status = response.status_code
         reason = f"HTTP {status} {response.reason_phrase}".strip()
         if status == 401:
-            return HubAuthError(
-                f"the hub at {endpoint} rejected the token ({reason}): set HF_TOKEN or run `hf auth login` with a valid token"
-            ), False
+            return (
+                HubAuthError(
+                    f"the hub at {endpoint} rejected the token ({reason}): set HF_TOKEN or run `hf auth login` with a valid token"
+                ),
+                False,
+            )
         if status == 403:
-            return HubAuthError(
-                f"the token may not write to {repo_id} at {endpoint} ({reason}): it needs write access to "
-                f"'{repo_id.split('/')[0]}'"
-            ), False
+            return (
+                HubAuthError(
+                    f"the token may not write to {repo_id} at {endpoint} ({reason}): it needs write access to "
+                    f"'{repo_id.split('/')[0]}'"
+                ),
+                False,
+            )
         if status in RETRY_STATUS:
             return HubServerError(f"the hub at {endpoint} failed ({reason})"), True
         detail = (getattr(err, "server_message", None) or "").strip().splitlines()
-        return HubError(
-            f"the hub at {endpoint} refused the upload to {repo_id} ({reason})" + (f": {detail[0]}" if detail else "")
-        ), False
+        return (
+            HubError(
+                f"the hub at {endpoint} refused the upload to {repo_id} ({reason})"
+                + (f": {detail[0]}" if detail else "")
+            ),
+            False,
+        )
     if isinstance(err, httpx2.TransportError):
-        return HubUnreachableError(f"cannot reach the hub at {endpoint}: {type(err).__name__}: {err}".rstrip(": ")), True
+        return (
+            HubUnreachableError(f"cannot reach the hub at {endpoint}: {type(err).__name__}: {err}".rstrip(": ")),
+            True,
+        )
     return None, False
 
 
@@ -324,7 +342,9 @@ def verify(api, repo_id, revision, items):
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils.sha import git_hash
 
-    remote = {f.path: f for f in api.list_repo_tree(repo_id, recursive=True, revision=revision) if isinstance(f, RepoFile)}
+    remote = {
+        f.path: f for f in api.list_repo_tree(repo_id, recursive=True, revision=revision) if isinstance(f, RepoFile)
+    }
     for item in items:
         found = remote.get(item.path_in_repo)
         if found is None:
@@ -360,7 +380,17 @@ def commit_items(api, repo_id, private, items, message, description="", log=prin
 
 
 def publish(
-    settings, *, run, adapter_dir, metrics, out_dir, train_done=None, merged_dir=None, plots=None, run_info=None, log=print
+    settings,
+    *,
+    run,
+    adapter_dir,
+    metrics,
+    out_dir,
+    train_done=None,
+    merged_dir=None,
+    plots=None,
+    run_info=None,
+    log=print,
 ):
     """Publish a run; write out_dir/README.md (the card) and out_dir/upload.json (the record).
     `plots`: image files for the card (None: those next to `metrics`); `run_info`: a JSON file
@@ -403,8 +433,10 @@ def publish(
 
     url = f"{shown_endpoint(endpoint)}/{repo_id}"
     total = sum(i.size for i in items)
-    log(f"{'would upload' if hub['dry_run'] else 'uploading'} {len(items)} files ({_human(total)}) to {url}"
-        f" ({'private' if hub['private'] else 'public'} repo)")
+    log(
+        f"{'would upload' if hub['dry_run'] else 'uploading'} {len(items)} files ({_human(total)}) to {url}"
+        f" ({'private' if hub['private'] else 'public'} repo)"
+    )
     for item in items:
         log(f"  {item.path_in_repo}  {_human(item.size)}  sha256:{item.sha256}")
     record = {
@@ -418,8 +450,11 @@ def publish(
     }
     if hub["dry_run"]:
         source = token_source()
-        log(f"dry run: nothing sent; a token would come from {source}" if source else
-            "dry run: nothing sent; no token found (set HF_TOKEN or run `hf auth login` before publishing)")
+        log(
+            f"dry run: nothing sent; a token would come from {source}"
+            if source
+            else "dry run: nothing sent; no token found (set HF_TOKEN or run `hf auth login` before publishing)"
+        )
         write_json(out_dir / "upload.json", record)
         return record
 
@@ -427,7 +462,9 @@ def publish(
     api = _api(endpoint, token)
     message = hub["commit_message"] or f"shardtune run {run}: adapter at step {done.get('global_step', '?')}"
     result = with_retries(
-        lambda: commit_items(api, repo_id, hub["private"], items, message, f"Published by shardtune (run `{run}`).", log),
+        lambda: commit_items(
+            api, repo_id, hub["private"], items, message, f"Published by shardtune (run `{run}`).", log
+        ),
         hub=hub,
         endpoint=endpoint,
         repo_id=repo_id,
@@ -492,6 +529,12 @@ class CheckpointPusher:
     def start(self):
         if self.api is not None:
             return
+        if self.hub["dry_run"]:
+            self.api = "dry run"
+            self.log(
+                f"every_save, dry run: checkpoints would go to {shown_endpoint(self.endpoint)}/{self.hub['repo_id']}"
+            )
+            return
         self.token = resolve_token()
         self.api = _api(self.endpoint, self.token)
         with_retries(
@@ -529,6 +572,9 @@ class CheckpointPusher:
 
     def push(self, checkpoint, step, tokenizer=None):
         self.start()
+        if self.hub["dry_run"]:
+            self.log(f"every_save, dry run: would push {checkpoint} (step {step}) as an adapter")
+            return
         staged = self.stage(checkpoint, step, tokenizer)
         with self._lock:
             if self._running is not None and not self._running.done():

@@ -85,45 +85,33 @@ def _loading(repo_id, base, private, include_merged):
         parts.append(
             "The repository is private: log in first (`hf auth login`) or set `HF_TOKEN` to a token with read access."
         )
-    parts.append(
-        _code(
-            f"""
+    parts.append(_code(f"""
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoTokenizer
 
 model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
-"""
-        )
-    )
+"""))
     base_ref = f'"{base}")' if base else '"path/to/base-model")  # the base model this adapter was trained on'
     parts.append("Or on an explicitly loaded base model:")
-    parts.append(
-        _code(
-            f"""
+    parts.append(_code(f"""
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 base = AutoModelForCausalLM.from_pretrained({base_ref}
 model = PeftModel.from_pretrained(base, "{repo_id}")
-"""
-        )
-    )
+"""))
     parts.append(
         "The tokenizer in this repository carries the chat template used in training; if it has more tokens "
         "than the base model's, resize the base model's embeddings to `len(tokenizer)` before loading the adapter."
     )
     if include_merged:
         parts.append("A merged copy (base weights with the adapter folded in) is in `merged/`:")
-        parts.append(
-            _code(
-                f"""
+        parts.append(_code(f"""
 from transformers import AutoModelForCausalLM
 
 model = AutoModelForCausalLM.from_pretrained("{repo_id}", subfolder="merged")
-"""
-            )
-        )
+"""))
     return "\n\n".join(parts)
 
 
@@ -142,7 +130,10 @@ def _training(settings, done):
         ("packing", d["packing"]),
         ("loss on assistant tokens only", d["assistant_only_loss"]),
         ("LoRA r / alpha / dropout", f"{lora['r']} / {lora['alpha']} / {lora['dropout']}"),
-        ("LoRA target modules", lora["target_modules"] if isinstance(lora["target_modules"], str) else ", ".join(lora["target_modules"])),
+        (
+            "LoRA target modules",
+            lora["target_modules"] if isinstance(lora["target_modules"], str) else ", ".join(lora["target_modules"]),
+        ),
         ("DoRA", lora["use_dora"]),
         ("4-bit quantization (QLoRA)", q["load_in_4bit"]),
     ]
@@ -158,8 +149,14 @@ def _training(settings, done):
         ("mixed precision", f["mixed_precision"]),
         ("learning rate / scheduler", f"{t['learning_rate']} / {t['lr_scheduler_type']}"),
         ("epochs / max steps", f"{t['num_train_epochs']} / {t['max_steps']}"),
-        ("batch size per device × accumulation", f"{t['per_device_train_batch_size']} × {t['gradient_accumulation_steps']}"),
-        ("weight decay / warmup ratio / max grad norm", f"{t['weight_decay']} / {t['warmup_ratio']} / {t['max_grad_norm']}"),
+        (
+            "batch size per device × accumulation",
+            f"{t['per_device_train_batch_size']} × {t['gradient_accumulation_steps']}",
+        ),
+        (
+            "weight decay / warmup ratio / max grad norm",
+            f"{t['weight_decay']} / {t['warmup_ratio']} / {t['max_grad_norm']}",
+        ),
         ("optimizer", t["optim"]),
         ("seed", t["seed"]),
     ]
