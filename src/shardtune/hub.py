@@ -300,7 +300,7 @@ def with_retries(action, *, hub, endpoint, repo_id, token, log=print):
             error, retry = classify(err, shown, repo_id)
             if error is None:
                 raise
-            message = _scrub(str(error), token)
+            message = _scrub(" ".join(str(error).split()), token)  # always one line
             log(f"hub error detail: {_scrub(str(err), token)}")
             if retry and attempt < attempts:
                 wait = hub["retry_backoff"] * 2 ** (attempt - 1)
