@@ -188,6 +188,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, method, path, query, body):
         routes = [
+            ("GET", r"^/api/whoami-v2$", self.whoami),
             ("POST", r"^/api/repos/create$", self.create_repo),
             ("POST", r"^/api/validate-yaml$", self.validate_yaml),
             ("POST", rf"^/api/models/{REPO}/preupload/(?P<rev>[^/]+)$", self.preupload),
@@ -203,6 +204,10 @@ class _Handler(BaseHTTPRequestHandler):
         return _error(404, f"fake hub: no route for {method} {path}")
 
     # --- endpoints ---------------------------------------------------------------------
+
+    def whoami(self, body, query):
+        denied = self._auth(write=False)
+        return denied or (200, {"type": "user", "name": "user"}, {})
 
     def create_repo(self, body, query):
         denied = self._auth(write=True)

@@ -232,6 +232,12 @@ def test_existing_public_repo_is_refused_when_private_is_asked(server, run_dir):
     assert record["private"] is False and len(server.repos[REPO].commits) == 1
 
 
+def test_a_bare_repo_name_goes_under_the_tokens_namespace(server, run_dir):
+    record, _ = publish(settings_for(server.url, hub={"repo_id": "llama-sft-lora-fsdp"}), run_dir)
+    assert record["repo_id"] == "user/llama-sft-lora-fsdp"
+    assert server.repos["user/llama-sft-lora-fsdp"].private and server.repos["user/llama-sft-lora-fsdp"].commits
+
+
 def test_dry_run_lists_the_upload_and_writes_the_card_without_network(server, run_dir, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     record, log = publish(settings_for(server.url, hub={"dry_run": True}), run_dir)
@@ -346,7 +352,7 @@ def test_check_runs_needs_a_repo_per_pushed_run():
     with pytest.raises(stconfig.ConfigError, match="org/x is also the repo of run 'a'"):
         hub.check_runs(runs)
     with pytest.raises(stconfig.ConfigError, match="hub.repo_id"):
-        stconfig.resolve_runs({"hub": {"repo_id": "no-namespace"}})
+        stconfig.resolve_runs({"hub": {"repo_id": "two/slashes/here"}})
 
 
 def test_wrapped_network_errors_are_recognised():

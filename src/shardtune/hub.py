@@ -315,6 +315,14 @@ def with_retries(action, *, hub, endpoint, repo_id, token, log=print):
 # --- the hub side ----------------------------------------------------------------------
 
 
+def namespaced(api, repo_id, **retry):
+    """A bare repo name lives under the token's own namespace, as with the Trainer's push_to_hub."""
+    if "/" in repo_id:
+        return repo_id
+    user = with_retries(lambda: api.whoami()["name"], repo_id=repo_id, **retry)
+    return f"{user}/{repo_id}"
+
+
 def ensure_repo(api, repo_id, private, log=print):
     """Create the repo if needed and make sure its visibility is acceptable; returns its info."""
     from huggingface_hub.errors import RepositoryNotFoundError
@@ -401,6 +409,11 @@ def publish(
     if not (hub["push"] and repo_id):
         raise HubError(f"run {run}: publishing needs hub.push: true and a hub.repo_id")
     endpoint = resolve_endpoint(hub)
+    token = api = None
+    if not hub["dry_run"]:
+        token = resolve_token()
+        api = _api(endpoint, token)
+        repo_id = namespaced(api, repo_id, hub=hub, endpoint=endpoint, token=token, log=log)
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     done = read_json(train_done) if train_done else {}
     conversion = read_json(adapter_dir / "conversion.json") if (adapter_dir / "conversion.json").is_file() else None
@@ -458,8 +471,6 @@ def publish(
         write_json(out_dir / "upload.json", record)
         return record
 
-    token = resolve_token()
-    api = _api(endpoint, token)
     message = hub["commit_message"] or f"shardtune run {run}: adapter at step {done.get('global_step', '?')}"
     result = with_retries(
         lambda: commit_items(
@@ -537,6 +548,8 @@ class CheckpointPusher:
             return
         self.token = resolve_token()
         self.api = _api(self.endpoint, self.token)
+        retry = dict(hub=self.hub, endpoint=self.endpoint, token=self.token, log=self.log)
+        self.hub = {**self.hub, "repo_id": namespaced(self.api, self.hub["repo_id"], **retry)}
         with_retries(
             lambda: ensure_repo(self.api, self.hub["repo_id"], self.hub["private"], self.log),
             hub=self.hub,
