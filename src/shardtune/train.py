@@ -28,6 +28,8 @@ from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from .checkpoints import MarkCompleteCheckpoints, SaveAtEnd, latest_complete, remove_incomplete  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .hub import every_save_callback  # noqa: E402
 from .io import read_json, write_json  # noqa: E402
 from .memory import check_fits, format_report  # noqa: E402
 from .modeling import load_base_model, packed_position_ids  # noqa: E402
@@ -183,6 +185,7 @@ def main(argv=None):
     parser.add_argument("--output", required=True, help="training directory (checkpoints)")
     parser.add_argument("--done", required=True, help="JSON written when training is complete")
     parser.add_argument("--memory", help="pre-flight memory estimate (JSON) to print and check")
+    parser.add_argument("--hub", default="null", help="hub settings for pushing checkpoints while training (JSON)")
     args = parser.parse_args(argv)
     settings = read_json(args.settings)
     out = Path(args.output)
@@ -223,6 +226,16 @@ def main(argv=None):
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     config = sft_config(settings, out)
+    callbacks = [MarkCompleteCheckpoints(), SaveAtEnd(), CsvLog(out / "log.csv")]
+    every_save = json.loads(args.hub)
+    if every_save:  # hub.strategy: every_save; the Trainer's own push would upload sharded state
+        push = every_save_callback({**settings, **every_save}, out, run=out.parent.name, log=log)
+        if is_main:
+            try:
+                push.pusher.start()  # token, repo and privacy are checked before training
+            except UserError as err:
+                raise SystemExit(f"ERROR: {err}") from None
+        callbacks.append(push)  # after MarkCompleteCheckpoints: pushes complete checkpoints only
     trainer = SFTTrainer(
         model=model,
         args=config,
@@ -230,7 +243,7 @@ def main(argv=None):
         eval_dataset=data["test"] if config.eval_strategy != "no" else None,
         processing_class=tokenizer,
         peft_config=lora_config(settings["lora"]),
-        callbacks=[MarkCompleteCheckpoints(), SaveAtEnd(), CsvLog(out / "log.csv")],
+        callbacks=callbacks,
     )
     distributed = str(trainer.accelerator.distributed_type)
     log(f"distributed type: {distributed}, processes: {state.num_processes}, fsdp: {trainer.is_fsdp_enabled}")
