@@ -206,3 +206,42 @@ def test_gpus_cuda_cannot_use_are_an_error_unless_cpu_training_is_allowed():
 def test_cpu_only_job_keeps_two_ranks():
     config = launch.node_config(BASE, fsdp(), 1, 0, 0, {})
     assert (config["num_processes"], config["use_cpu"], config["num_machines"]) == (2, True, 1)
+
+
+# --- what the pinned SLURM plugin makes of these resources ---------------------------------
+
+
+class _Resources(dict):
+    __getattr__ = dict.__getitem__
+
+
+def sbatch_line(res, threads=2):
+    """The sbatch command the SLURM executor plugin builds for a job with these resources
+    (Snakemake drops resources that are None before the plugin sees them)."""
+    submit_string = pytest.importorskip("snakemake_executor_plugin_slurm.submit_string")
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    values = {k: v for k, v in launch.job_resources(res, threads).items() if v is not None}
+    job = type("Job", (), {"resources": _Resources(values), "threads": threads, "name": "fsdp_train"})()
+    params = {"run_uuid": "u", "slurm_logfile": "l", "comment_str": "c", "account": "", "partition": "", "workdir": "."}
+    return (submit_string.get_submit_command(job, params) + set_gres_string(job)).split()
+
+
+def test_plugin_asks_one_node_for_its_gpus():
+    line = sbatch_line(resources(gpu=8, gpu_model="h100", cpus_per_task=64, mem_mb=500000))
+    assert {"--gpus=h100:8", "--cpus-per-task=64", "--nodes=1"} <= set(line)
+    assert line[line.index("--mem") + 1] == "500000" and line[line.index("-t") + 1] == "720"
+    assert not any(arg.startswith(("--gres", "--ntasks-per-gpu")) for arg in line)
+
+
+def test_plugin_asks_two_nodes_for_one_task_and_eight_gpus_each():
+    line = sbatch_line(resources(nodes=2, gpu=8, gpu_model="h100", cpus_per_task=96, constraint="ib"))
+    assert {"--nodes=2", "--ntasks=2", "--cpus-per-task=96", "--gres=gpu:h100:8", "-C", "ib"} <= set(line)
+    # a total --gpus, or tasks per GPU, would break one task per node with 8 GPUs each
+    assert not any(arg.startswith(("--gpus", "--ntasks-per-gpu")) for arg in line)
+
+
+def test_plugin_asks_cpu_job_for_one_task_with_the_rule_threads():
+    line = sbatch_line(resources(), threads=2)
+    assert {"--ntasks=1", "--cpus-per-task=2", "--nodes=1"} <= set(line)
+    assert not any(arg.startswith(("--gpus", "--gres")) for arg in line)

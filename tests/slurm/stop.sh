@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Stop what tests/slurm/start.sh started: cancel jobs, then slurmd, slurmctld and munged
-# (munged only if start.sh started it), each by its own pid.
-#   tests/slurm/stop.sh [STATE_DIR]     (default /tmp/shardtune-slurm)
+# Stop what tests/slurm/start.sh started: cancel the jobs, end what is left of them, then
+# stop slurmd, slurmctld and munged (munged only if start.sh started it), each by its pid.
+#   tests/slurm/stop.sh [--jobs-only] [STATE_DIR]     (default /tmp/shardtune-slurm)
+# --jobs-only: cancel the jobs and end their leftovers, keep the daemons running.
 set -uo pipefail
 
+JOBS_ONLY=false
+if [ "${1:-}" = --jobs-only ]; then
+    JOBS_ONLY=true
+    shift
+fi
 STATE=${1:-/tmp/shardtune-slurm}
-export SLURM_CONF=$STATE/slurm.conf
-[ -f "$SLURM_CONF" ] || exit 0
+[ -d "$STATE" ] || exit 0
 
 stop_pid() { # stop_pid NAME PID
     local name=$1 pid=$2
@@ -21,7 +26,19 @@ stop_pid() { # stop_pid NAME PID
 }
 
 scancel --full --quiet --partition=debug 2>/dev/null
-sleep 1
+sleep 2
+# proctrack/linuxproc loses job processes whose parent died first (a job-side Snakemake
+# that ignores SIGTERM): end those still carrying this test cluster's name.
+for environ in /proc/[0-9]*/environ; do
+    pid=${environ#/proc/}
+    pid=${pid%/environ}
+    if { tr '\0' '\n' <"$environ"; } 2>/dev/null | grep -qx "SLURM_CLUSTER_NAME=shardtune-test"; then
+        echo "ending leftover job process $pid" >&2
+        kill -9 "$pid" 2>/dev/null
+    fi
+done
+$JOBS_ONLY && exit 0
+
 for daemon in slurmd slurmctld; do
     [ -f "$STATE/$daemon.pid" ] && stop_pid "$daemon" "$(cat "$STATE/$daemon.pid")"
 done
