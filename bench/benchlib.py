@@ -79,6 +79,14 @@ def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def cpu_seconds():
+    """User + system CPU time of this process so far (all its threads)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def reset_peak_rss():
     """Restart the peak-RSS count from the current RSS (Linux: clear_refs 5); False if refused."""
     try:
@@ -108,6 +116,7 @@ def step_timer(path, reset_peak=False):
                 "threads": torch.get_num_threads(),
                 "peak_before_train_gib": peak_rss_gib(),
                 "peak_reset": bool(reset_peak and reset_peak_rss()),
+                "cpu_s_at_train_begin": cpu_seconds(),
                 "steps": [],
             }
             self.t0 = time.perf_counter()
@@ -119,6 +128,7 @@ def step_timer(path, reset_peak=False):
                     "t": time.perf_counter() - self.t0,
                     "tokens": state.num_input_tokens_seen,
                     "peak_gib": peak_rss_gib(),
+                    "cpu_s": cpu_seconds(),
                 }
             )
 
@@ -146,7 +156,20 @@ def throughput(records, warmup):
     first, last = (steps[warmup - 1] if warmup else {"t": 0.0, "tokens": 0}), steps[-1]
     seconds = last["t"] - first["t"]
     tokens = last["tokens"] - first["tokens"]
+    result = {}
+    if all("cpu_s" in r["steps"][-1] for r in records):
+        # CPU seconds spent by all ranks: less sensitive than wall time to other users' load
+        cpu = sum(
+            r["steps"][-1]["cpu_s"] - (r["steps"][warmup - 1]["cpu_s"] if warmup else r["cpu_s_at_train_begin"])
+            for r in records
+        )
+        result["tokens_per_cpu_s"] = tokens / cpu
+    timed = steps[max(warmup - 1, 0):]
+    rates = sorted((b["tokens"] - a["tokens"]) / (b["t"] - a["t"]) for a, b in zip(timed, timed[1:]))
+    if rates:  # the median step: robust to another user's burst hitting a step or two
+        result["tokens_per_s_median_step"] = rates[len(rates) // 2] if len(rates) % 2 else sum(rates[len(rates) // 2 - 1 : len(rates) // 2 + 1]) / 2
     return {
+        **result,
         "tokens_per_s": tokens / seconds,
         "s_per_step": seconds / (len(steps) - warmup),
         "tokens": tokens,

@@ -83,32 +83,34 @@ def main(argv=None):
             result["threads"] = records[0]["threads"]
             runs.append(result)
             print(f"{path:15s} round {round_}: {result['tokens_per_s']:8.0f} tokens/s, "
+                  f"{result.get('tokens_per_cpu_s', float('nan')):6.0f} tokens/CPU-s, "
                   f"{result['s_per_step']:.2f} s/step, wall {wall:.0f} s, load {load}", flush=True)
 
-    summary = {}
-    for path in args.paths:
-        mine = [r for r in runs if r["path"] == path]
-        summary[path] = {"tokens_per_s": bl.geomean(r["tokens_per_s"] for r in mine), "wall_s": bl.geomean(r["wall_s"] for r in mine)}
+    metrics = [m for m in ("tokens_per_s", "tokens_per_s_median_step", "tokens_per_cpu_s") if all(m in r for r in runs)]
+    summary = {
+        path: {m: bl.geomean(r[m] for r in runs if r["path"] == path) for m in metrics + ["wall_s"]} for path in args.paths
+    }
     base = "ours" if "ours" in args.paths else args.paths[0]
     ratios = []
     for path in args.paths:
         if path == base:
             continue
-        per_round = [
-            a["tokens_per_s"] / b["tokens_per_s"]
-            for a, b in zip([r for r in runs if r["path"] == base], [r for r in runs if r["path"] == path])
-        ]
-        ratios.append({"pair": f"{base} / {path}", "per_round": per_round, "geomean": bl.geomean(per_round)})
+        pairs = list(zip([r for r in runs if r["path"] == base], [r for r in runs if r["path"] == path]))
+        for m in metrics:
+            per_round = [a[m] / b[m] for a, b in pairs]
+            ratios.append({"pair": f"{base} / {path}", "metric": m, "per_round": per_round, "geomean": bl.geomean(per_round)})
     out = args.out or work / f"{tag}.json"
     bl.write_json(out, {"args": vars(args), "machine": bl.machine(), "settings": settings, "runs": runs, "summary": summary, "ratios": ratios})
 
     print()
     print(f"{bl.machine()}; model {args.model}, batch {args.batch}/device x 2 ranks, max_seq_len {args.max_seq_len}, "
           f"{args.steps - args.warmup} timed steps after {args.warmup}")
-    print(bl.table([{"path": p, "label": PATHS[p], **s} for p, s in summary.items()],
-                   [("path", "path", None), ("label", "what", None), ("tokens_per_s", "tokens/s", "{:.0f}"), ("wall_s", "wall s", "{:.0f}")]))
+    print(bl.table([{"path": p, "label": PATHS[p], **s} for p, s in summary.items()], [
+        ("path", "path", None), ("label", "what", None), ("tokens_per_s", "tokens/s", "{:.0f}"),
+        ("tokens_per_s_median_step", "tokens/s (median step)", "{:.0f}"), ("tokens_per_cpu_s", "tokens per CPU-s", "{:.0f}"), ("wall_s", "wall s (launch to exit)", "{:.0f}"),
+    ]))
     for r in ratios:
-        print(f"{r['pair']}: {r['geomean']:.2f}x (per round: {', '.join(f'{x:.2f}' for x in r['per_round'])})")
+        print(f"{r['pair']} ({r['metric']}): {r['geomean']:.2f}x (per round: {', '.join(f'{x:.2f}' for x in r['per_round'])})")
     print(f"results: {out}")
 
 

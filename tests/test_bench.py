@@ -1,0 +1,128 @@
+"""Smoke tests of the benchmark scripts: argument parsing, the reference script's flags, and the
+same-budget batch picking. Nothing here is timed, and no training runs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+sys.path.insert(0, str(BENCH))
+
+import autobatch  # noqa: E402
+import benchlib  # noqa: E402
+import throughput  # noqa: E402
+
+SCRIPTS = ["throughput", "autobatch", "sharding_memory", "snakemake_overhead", "estimator_accuracy", "gpu_mfu"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_bench_script_answers_help(script):
+    done = subprocess.run(
+        [sys.executable, str(BENCH / f"{script}.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout
+
+
+def test_throughput_refuses_an_unknown_path():
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--paths", "ours,nonsense"])
+    assert throughput.parse_args(["--paths", "ours,reference"]).paths == ["ours", "reference"]
+
+
+def bench_settings(tmp_path, **training):
+    config = benchlib.run_config(tmp_path / "model", tmp_path / "data", 100, 512, 8, 10, training=training)
+    return benchlib.settings_of(config)
+
+
+def test_the_reference_gets_the_recipes_flags_for_the_same_settings(tmp_path):
+    pytest.importorskip("trl")
+    import reference_train
+    from transformers import HfArgumentParser
+    from trl import SFTConfig
+
+    settings = bench_settings(tmp_path, gradient_accumulation_steps=4, gradient_checkpointing=True)
+    fx = {"model_files": tmp_path / "model", "recipe_data": tmp_path / "data"}
+    args = benchlib.reference_args(fx, settings, tmp_path / "run", tmp_path / "timer.json", attn="sdpa")
+    assert Path(args[0]).name == "reference_train.py"
+    parser = HfArgumentParser(
+        (reference_train.ModelArguments, reference_train.DataTrainingArguments, SFTConfig, reference_train.BenchArguments)
+    )
+    model, data, training, bench = parser.parse_args_into_dataclasses([str(a) for a in args[1:]])
+    assert (model.lora_r, model.lora_alpha, model.lora_dropout) == (8, 16, 0.1)
+    assert model.lora_target_modules == "all-linear" and model.use_peft_lora and not model.use_4bit_quantization
+    assert model.chat_template_format == "chatml"
+    assert training.packing and training.dataset_text_field == "content" and training.max_length == 512
+    assert training.per_device_train_batch_size == 8 and training.gradient_accumulation_steps == 4
+    assert training.gradient_checkpointing and not model.use_reentrant
+    assert training.max_steps == 10 and training.seed == 100
+    assert bench.attn_implementation == "sdpa" and not bench.final_save
+    assert data.dataset_name == str(tmp_path / "data")
+
+
+def test_ours_arguments_reach_shardtune_train_unchanged(tmp_path):
+    fx = {"prepared": tmp_path / "prepared", "model": tmp_path / "model"}
+    args = [str(a) for a in benchlib.ours_args(tmp_path / "s.json", fx, tmp_path / "run", tmp_path / "t.json", fix="per-row-attention")]
+    assert Path(args[0]).name == "_ours.py"
+    rest = args[args.index("--") + 1 :]
+    assert rest[:2] == ["--settings", str(tmp_path / "s.json")]
+    assert "--done" in rest and "--fix" in args[: args.index("--")]
+
+
+TINY = LlamaConfig(
+    hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=512
+)
+
+
+def test_pick_setting_takes_the_largest_batch_that_fits_without_checkpointing(tmp_path):
+    from shardtune.memory import estimate, model_shape
+
+    recipe = bench_settings(tmp_path, gradient_accumulation_steps=4, gradient_checkpointing=True)
+    shape = model_shape(TINY, recipe["lora"])
+    budget = estimate(shape, recipe, 2)["device_gib"]
+    picked = autobatch.pick_setting(shape, recipe, 2, budget)
+    assert picked["estimate_gib"] <= budget
+    assert picked["per_device_train_batch_size"] * picked["gradient_accumulation_steps"] == 32
+    if not picked["gradient_checkpointing"]:  # then the next larger divisor must not fit without it
+        larger = picked["per_device_train_batch_size"] * 2
+        if larger <= 32:
+            trial = autobatch.with_training(
+                recipe, per_device_train_batch_size=larger, gradient_accumulation_steps=32 // larger, gradient_checkpointing=False
+            )
+            assert estimate(shape, trial, 2)["device_gib"] > budget
+
+
+def test_pick_setting_uses_checkpointing_only_when_nothing_fits_without_it(tmp_path):
+    from shardtune.memory import estimate, model_shape
+
+    recipe = bench_settings(tmp_path)
+    shape = model_shape(TINY, recipe["lora"])
+    roomy = autobatch.pick_setting(shape, recipe, 2, 1000.0)
+    assert roomy["per_device_train_batch_size"] == 8 and not roomy["gradient_checkpointing"]
+    one = autobatch.with_training(recipe, per_device_train_batch_size=1, gradient_accumulation_steps=8)
+    without = estimate(shape, one, 2)["device_gib"]
+    tight = autobatch.pick_setting(shape, recipe, 2, without * 0.999)
+    assert tight is None or tight["gradient_checkpointing"]
+    assert autobatch.pick_setting(shape, recipe, 2, 0.01) is None
+
+
+def test_throughput_counts_only_steps_after_warmup():
+    records = [{"steps": [{"t": 1.0, "tokens": 100}, {"t": 3.0, "tokens": 300}, {"t": 5.0, "tokens": 500}]}]
+    result = benchlib.throughput(records, warmup=1)
+    assert result["tokens_per_s"] == pytest.approx(100.0) and result["steps"] == 2
+    with pytest.raises(ValueError):
+        benchlib.throughput(records, warmup=3)
+
+
+def test_gpu_flops_per_token_counts_forward_and_input_gradient():
+    import gpu_mfu
+    from shardtune.memory import model_shape
+
+    shape = model_shape(TINY, {"r": 8, "target_modules": "all-linear"})
+    flops = gpu_mfu.flops_per_token(shape, 512)
+    assert flops > 4 * shape["linear_params"]
+    assert flops < 6 * shape["params"] + 12 * shape["layers"] * shape["hidden"] * 512
