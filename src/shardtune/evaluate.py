@@ -8,6 +8,7 @@ including the (resized) embeddings training saw."""
 import contextlib
 import json
 import math
+import time
 from pathlib import Path
 
 import datasets
@@ -17,6 +18,7 @@ from peft import PeftModel
 from transformers import AutoTokenizer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from .convert import keep_4bit_cpu_path
 from .errors import UserError
 from .generation import exact_match, generate, split_conversation
 from .io import write_json
@@ -59,6 +61,7 @@ def pick_conversations(test, per_task, samples):
 def generations(model, tokenizer, test, indices, settings, log):
     """{index: {prompt, reference, task, base, tuned}} for the test conversations `indices`."""
     e = settings["evaluate"]
+    start = time.perf_counter()
     rows = {}
     for i in indices:
         split = split_conversation(test[i]["messages"])
@@ -77,7 +80,7 @@ def generations(model, tokenizer, test, indices, settings, log):
             )
         for row, text in zip(rows.values(), out):
             row[name] = text
-        log(f"{name}: generated {len(out)} completions")
+        log(f"{name}: generated {len(out)} completions ({time.perf_counter() - start:.0f} s)")
     return rows
 
 
@@ -151,14 +154,15 @@ def evaluate(model_dir, data_dir, dataset_dir, adapter_dir, settings, out_dir, l
     collator = DataCollatorForLanguageModeling(
         pad_token_id=tokenizer.pad_token_id, padding_free=settings["data"]["packing"]
     )
-    base = load_base_model(model_dir, settings, len(tokenizer)).to(device)
+    start = time.perf_counter()
+    base = keep_4bit_cpu_path(load_base_model(model_dir, settings, len(tokenizer))).to(device)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
 
     metrics = {}
     for name in MODELS:
         with model.disable_adapter() if name == "base" else contextlib.nullcontext():
             metrics[name] = eval_loss(model, test, collator, e["batch_size"], device)
-        log(f"{name}: {metrics[name]}")
+        log(f"{name}: {metrics[name]} ({time.perf_counter() - start:.0f} s)")
 
     sample_ids, by_task = pick_conversations(raw_test, e["per_task"], e["samples"])
     wanted = sorted(set(sample_ids).union(*by_task.values()))

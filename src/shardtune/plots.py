@@ -27,9 +27,13 @@ def _save(fig, path):
 
 
 def read_log(log_csv):
-    """The training log with one row per (step, kind of entry), numeric columns as floats."""
-    log = pd.read_csv(log_csv)
-    return log.apply(pd.to_numeric, errors="coerce")
+    """The training log with one row per (step, kind of entry), numeric columns as floats.
+    Throughput counts on training entries only: an evaluation entry's interval includes the
+    time spent evaluating."""
+    log = pd.read_csv(log_csv).apply(pd.to_numeric, errors="coerce")
+    if "tokens_per_second" in log and "loss" in log:
+        log.loc[log["loss"].isna(), "tokens_per_second"] = float("nan")
+    return log
 
 
 def training_figure(log, title, ylabel, series, run):
