@@ -72,7 +72,27 @@ def per_row_attention():
     train.SFTTrainer = RowsSFTTrainer
 
 
-FIXES = {"per-row-attention": per_row_attention}
+def malloc_trim():
+    """Proposed fix: give the heap memory freed when FSDP replaced the full weights by their
+    shards back to the system (glibc malloc_trim) once the model is wrapped, at train begin."""
+    import ctypes
+
+    from transformers import TrainerCallback
+
+    class Trim(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+    base = train.SFTTrainer
+
+    class TrimSFTTrainer(base):
+        def __init__(self, *args, callbacks=None, **kwargs):
+            super().__init__(*args, callbacks=[Trim(), *(callbacks or [])], **kwargs)
+
+    train.SFTTrainer = TrimSFTTrainer
+
+
+FIXES = {"per-row-attention": per_row_attention, "malloc-trim": malloc_trim}
 
 
 def main(argv=None):

@@ -74,7 +74,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default="small", choices=sorted(bl.MODEL_SPECS))
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--recipe-batch", type=int, default=8, help="the reference's per-device batch (recipe: 8)")
-    p.add_argument("--recipe-accumulation", type=int, default=4, help="the reference's gradient accumulation (recipe: 4)")
+    p.add_argument(
+        "--recipe-accumulation", type=int, default=4,
+        help="the reference's gradient accumulation (recipe: 4; BENCHMARKS.md uses 1 to keep a run short)",
+    )
     p.add_argument("--budget-gib", type=float, help="per-device budget; default: the estimate for the recipe's settings")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run, warm-up included")
     p.add_argument("--warmup", type=int, default=1)
@@ -140,20 +143,25 @@ def main(argv=None):
                 **bl.throughput(records, args.warmup),
             }
             runs.append(result)
-            print(f"{path:10s} round {round_}: {result['tokens_per_s']:7.0f} tokens/s, {result['s_per_step']:.1f} s/step, "
+            print(f"{path:10s} round {round_}: {result['tokens_per_s']:7.0f} tokens/s, "
+                  f"{result['tokens_per_cpu_s']:5.0f} tokens/CPU-s, {result['s_per_step']:.1f} s/step, "
                   f"peak {max(result['peak_gib_per_rank']):.2f} GiB/rank, load {load}", flush=True)
 
     def of(path):
         return [r for r in runs if r["path"] == path]
 
     per_round = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(of("ours"), of("reference"))]
+    per_round_cpu = [a["tokens_per_cpu_s"] / b["tokens_per_cpu_s"] for a, b in zip(of("ours"), of("reference"))]
     summary = {
+        "ratio_cpu_per_round": per_round_cpu,
+        "ratio_cpu": bl.geomean(per_round_cpu),
         "budget_gib": budget,
         "recipe_estimate_gib": recipe_gib,
         "picked": picked,
         "ratio_per_round": per_round,
         "ratio": bl.geomean(per_round),
         "tokens_per_s": {p: bl.geomean(r["tokens_per_s"] for r in of(p)) for p in ("ours", "reference")},
+        "tokens_per_cpu_s": {p: bl.geomean(r["tokens_per_cpu_s"] for r in of(p)) for p in ("ours", "reference")},
         "peak_gib_per_rank": {p: max(max(r["peak_gib_per_rank"]) for r in of(p)) for p in ("ours", "reference")},
     }
     out = args.out or work / f"{tag}.json"
@@ -165,6 +173,9 @@ def main(argv=None):
           f"gradient checkpointing {picked['gradient_checkpointing']} (estimate {picked['estimate_gib']:.2f} of {budget:.2f} GiB)")
     print(f"tokens/s ours {summary['tokens_per_s']['ours']:.0f}, reference {summary['tokens_per_s']['reference']:.0f}: "
           f"{summary['ratio']:.2f}x (per round: {', '.join(f'{x:.2f}' for x in per_round)})")
+    print(f"tokens per CPU-second ours {summary['tokens_per_cpu_s']['ours']:.0f}, reference "
+          f"{summary['tokens_per_cpu_s']['reference']:.0f}: {summary['ratio_cpu']:.2f}x "
+          f"(per round: {', '.join(f'{x:.2f}' for x in per_round_cpu)})")
     print(f"measured peak RSS per rank: ours {summary['peak_gib_per_rank']['ours']:.2f} GiB, "
           f"reference {summary['peak_gib_per_rank']['reference']:.2f} GiB")
     print(f"results: {out}")

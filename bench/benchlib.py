@@ -23,9 +23,9 @@ MODEL_SPECS = {
     "tiny": dict(hidden_size=128, intermediate_size=352, num_layers=2, num_heads=4, num_kv_heads=2),
     # ~25M parameters: compute dominates at max_seq_len 512
     "small": dict(hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=4),
-    # ~1.1B parameters in 96 narrow decoder layers: the weights dominate memory (the memory
+    # ~0.75B parameters (3 GiB in fp32) in 64 narrow decoder layers: the weights dominate memory (the memory
     # benchmark); FSDP shards them layer by layer
-    "deep": dict(hidden_size=1024, intermediate_size=2816, num_layers=96, num_heads=8, num_kv_heads=4),
+    "deep": dict(hidden_size=1024, intermediate_size=2816, num_layers=64, num_heads=8, num_kv_heads=4),
     # TinyLlama-1.1B's shape (bench/gpu_mfu.py)
     "llama-1b": dict(
         hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4, config_vocab=32000
@@ -330,7 +330,8 @@ def launch(accelerate_yaml, script_and_args, log_path, timeout=1800, module=Fals
 def ours_args(settings_json, fx, out_dir, timer, memory_json=None, fix=None, reset_peak=False):
     """Arguments for bench/_ours.py: shardtune.train's own arguments behind the bench hooks."""
     args = [BENCH / "_ours.py", "--timer", timer]
-    args += ["--fix", fix] if fix else []
+    for one in [fix] if isinstance(fix, str) else fix or []:
+        args += ["--fix", one]
     args += ["--reset-peak"] if reset_peak else []
     args += ["--", "--settings", settings_json, "--data", fx["prepared"], "--model", fx["model"]]
     args += ["--output", Path(out_dir) / "train", "--done", Path(out_dir) / "done.json"]

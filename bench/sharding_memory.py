@@ -1,8 +1,9 @@
 """Figure 3: peak memory per rank with FSDP full sharding against no sharding, for a model
-whose weights dominate memory (LoRA on a ~1B-parameter fp32 base, short sequences, batch 1).
+whose weights dominate memory (LoRA on a ~0.75B-parameter fp32 base, short sequences, batch 1).
 
 Runs (2 CPU ranks each, same model, data, batch and LoRA):
 - ours: shardtune's training path, FSDP2 FULL_SHARD (the default);
+- ours-malloc-trim: ours + a proposed fix, freed heap memory returned after wrapping;
 - ours-no-shard-setting: shardtune with fsdp.sharding_strategy NO_SHARD (under FSDP2 the
   config only turns off resharding after forward: the weights stay sharded);
 - reference-fsdp: the recipe's train.py under the same FSDP2 launch config;
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import benchlib as bl
 
-PATHS = ["ours", "ours-no-shard-setting", "reference-fsdp", "reference-ddp"]
+PATHS = ["ours", "ours-malloc-trim", "ours-no-shard-setting", "reference-fsdp", "reference-ddp"]
 
 
 def parse_args(argv=None):
@@ -69,7 +70,8 @@ def main(argv=None):
         else:
             accelerate_yaml = bl.write_accelerate_yaml(chosen, run_dir / "accelerate.yaml")
         if path.startswith("ours"):
-            launch = bl.ours_args(settings_json, fx, run_dir, timer, reset_peak=True)
+            fix = "malloc-trim" if path == "ours-malloc-trim" else None
+            launch = bl.ours_args(settings_json, fx, run_dir, timer, fix=fix, reset_peak=True)
         else:
             launch = bl.reference_args(fx, settings, run_dir, timer, reset_peak=True)
         load = bl.load_average()
