@@ -25,16 +25,38 @@ def add_timer(path, reset_peak):
     train.SFTTrainer = TimedSFTTrainer
 
 
+class PackedRowsCollator:
+    """A batch of packed rows as [batch, longest row]: ids, labels and position ids that restart
+    at every packed sequence (the padding after a row is a sequence of its own), no mask."""
+
+    def __init__(self, pad_token_id):
+        self.pad = pad_token_id
+
+    def __call__(self, rows):
+        import torch
+
+        from shardtune.modeling import packed_position_ids
+
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            ids[i, :n] = torch.as_tensor(row["input_ids"])
+            labels[i, :n] = torch.as_tensor(row["labels"])
+            positions[i, :n] = packed_position_ids(row["seq_lengths"])
+            positions[i, n:] = torch.arange(width - n)  # the padding is a sequence of its own
+        labels[positions == 0] = -100  # no loss across a boundary (as TRL's padding-free collator)
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
 def per_row_attention():
     """Proposed fix: keep a batch of packed rows as [batch, max_seq_len] instead of flattening
     it into one [1, batch * max_seq_len] sequence. Position ids still restart at every packed
     conversation and no attention mask is passed, so sequences stay isolated (transformers
     builds the block-diagonal mask per row), but attention costs batch * L^2 instead of
     (batch * L)^2, and its mask and scores shrink by the same factor."""
-    import torch
-
-    from shardtune.modeling import packed_position_ids
-
     original = train.sft_config
 
     def sft_config(settings, output_dir):
@@ -42,24 +64,6 @@ def per_row_attention():
         config.packing = False  # rows are packed by the prepare step already
         config.padding_free = False
         return config
-
-    class PackedRowsCollator:
-        def __init__(self, pad_token_id):
-            self.pad = pad_token_id
-
-        def __call__(self, rows):
-            width = max(len(r["input_ids"]) for r in rows)
-            ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-            labels = torch.full((len(rows), width), -100, dtype=torch.long)
-            positions = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, row in enumerate(rows):
-                n = len(row["input_ids"])
-                ids[i, :n] = torch.as_tensor(row["input_ids"])
-                labels[i, :n] = torch.as_tensor(row["labels"])
-                positions[i, :n] = packed_position_ids(row["seq_lengths"])
-                positions[i, n:] = torch.arange(width - n)  # the padding is a sequence of its own
-            labels[positions == 0] = -100  # no loss across a boundary (as TRL's padding-free collator)
-            return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
     base = train.SFTTrainer
 

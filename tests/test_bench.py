@@ -126,3 +126,29 @@ def test_gpu_flops_per_token_counts_forward_and_input_gradient():
     flops = gpu_mfu.flops_per_token(shape, 512)
     assert flops > 4 * shape["linear_params"]
     assert flops < 6 * shape["params"] + 12 * shape["layers"] * shape["hidden"] * 512
+
+
+def test_the_per_row_fix_keeps_packed_sequences_apart():
+    """The proposed collator ([batch, L] rows, restarting position ids, no mask) must give the
+    second packed sequence the same logits as that sequence alone."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import _ours
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(TINY).eval()
+    first, second = torch.randint(3, 500, (7,)), torch.randint(3, 500, (5,))
+    rows = [
+        {"input_ids": torch.cat([first, second]).tolist(), "labels": torch.cat([first, second]).tolist(), "seq_lengths": [7, 5]},
+        {"input_ids": second[:3].tolist(), "labels": second[:3].tolist(), "seq_lengths": [3]},
+    ]
+    collate = _ours.PackedRowsCollator(pad_token_id=0)
+    batch = collate(rows)
+    assert batch["input_ids"].shape == (2, 12) and "attention_mask" not in batch
+    assert batch["position_ids"][0].tolist() == [*range(7), *range(5)]
+    assert batch["labels"][0, 7] == -100 and (batch["labels"][1, 3:] == -100).all()
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        alone = model(input_ids=second[None], use_cache=False).logits
+    assert torch.allclose(packed[0, 7:], alone[0], atol=1e-5)
