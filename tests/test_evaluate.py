@@ -149,3 +149,20 @@ def test_lm_eval_runs_a_local_custom_task_on_the_tuned_model(demo_run, tmp_path)
     settings["evaluate"]["lm_eval_tasks"] = ["no_such_task"]
     with pytest.raises(UserError, match="unknown task"):
         run_lm_eval(model, tokenizer, settings, print)
+
+
+def test_generation_prompts_are_read_in_any_data_format():
+    from shardtune.evaluate import conversation_reader
+    from shardtune.generation import split_conversation
+
+    data = resolve_runs({})["demo"]["data"]
+    sharegpt = datasets.Dataset.from_list(
+        [{"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}]
+    )
+    pairs = datasets.Dataset.from_list([{"prompt": "What is 2 + 2?", "completion": "4"}])
+    for test, expected in ((sharegpt, ("Hi?", "Hello.")), (pairs, ("What is 2 + 2?", "4"))):
+        prompt, reference = split_conversation(conversation_reader(test, data)(test[0]))
+        assert prompt == [{"role": "user", "content": expected[0]}] and reference == expected[1]
+    broken = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "no answer"}]}])
+    assert conversation_reader(broken, data)(broken[0]) is None
+    assert conversation_reader(datasets.Dataset.from_list([{"text": "plain"}]), data) is None

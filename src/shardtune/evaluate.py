@@ -58,13 +58,41 @@ def pick_conversations(test, per_task, samples):
     return sample_ids, by_task
 
 
+def conversation_reader(test, data_settings):
+    """A function from a raw test row to its messages, read as data preparation reads them
+    (data.format, data.columns); None for a row preparation would drop. None instead of a
+    function for plain-text data sets, which have no turns to answer."""
+    from .data import CONVERTERS, _parse_json_text, resolve_format
+
+    fmt, fields = resolve_format(test.column_names, data_settings, "the test split")
+    if fmt == "text":
+        return None
+
+    def messages(row):
+        values = {}
+        for field, column in fields.items():
+            values[field], reason = row[column], None
+            if fmt != "prompt_completion" and isinstance(row[column], str):  # e.g. from CSV
+                values[field], reason = _parse_json_text(row[column], column)
+            if reason:
+                return None
+        return CONVERTERS[fmt](values, fields)[0]
+
+    return messages
+
+
 def generations(model, tokenizer, test, indices, settings, log):
     """{index: {prompt, reference, task, base, tuned}} for the test conversations `indices`."""
     e = settings["evaluate"]
     start = time.perf_counter()
+    read = conversation_reader(test, settings["data"])
+    if read is None:
+        log("the data set is plain text: no conversations to generate answers for")
+        return {}
     rows = {}
     for i in indices:
-        split = split_conversation(test[i]["messages"])
+        messages = read(test[i])
+        split = split_conversation(messages) if messages else None
         if split:
             rows[i] = {"prompt": split[0], "reference": split[1], "task": test[i].get("task")}
     prompts = [r["prompt"] for r in rows.values()]
