@@ -17,12 +17,23 @@ from transformers import AutoTokenizer
 from .checkpoints import checkpoints, is_complete
 from .errors import UserError
 from .io import atomic_dir, read_json, write_json
-from .modeling import load_base_model
+from .modeling import DTYPES, load_base_model, load_dtype
 from .sources import model_path
 
-# How close the reloaded adapter's logits must be to the trained model's, by the mixed
-# precision training ran under (bf16/fp16 compute rounds differently from an fp32 reload).
+# How close the reloaded adapter's logits must be to the trained model's, by the least
+# precise dtype training computed in: half precision rounds differently between the sharded
+# training forward and a single-process reload.
 TOLERANCE = {"no": 1e-5, "bf16": 5e-2, "fp16": 1e-2}
+PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def tolerance_of(mixed_precision, settings):
+    """From the run's mixed precision, the dtype the base loaded in, and for QLoRA the 4-bit
+    compute dtype."""
+    dtypes = [load_dtype(settings)]
+    if settings["quantization"]["load_in_4bit"]:
+        dtypes.append(DTYPES[settings["quantization"]["bnb_4bit_compute_dtype"]])
+    return max([TOLERANCE[mixed_precision]] + [TOLERANCE[PRECISION.get(d, "no")] for d in dtypes])
 
 
 class ConversionError(UserError):
@@ -155,7 +166,7 @@ def convert(train_done, model_dir, data_dir, settings, out_dir, log=print):
         if step == done["global_step"]:
             # The probe holds the trained model's own logits at the end of training.
             reference, against = probe["logits"], "the trained model (probe logits written by training)"
-            tolerance = TOLERANCE[done["mixed_precision"]]
+            tolerance = tolerance_of(done["mixed_precision"], settings)
         else:
             lora = LoraConfig.from_pretrained(train_dir / "adapter_config")
             reference = checkpoint_logits(model_dir, settings, lora, state, probe, len(tokenizer))
