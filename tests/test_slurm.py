@@ -1,10 +1,12 @@
-"""The SLURM profile on a real single-node SLURM (tests/slurm/start.sh: slurmctld, slurmd and
-munge from Debian's packages, with 2 fake GPUs as gres).
+"""The SLURM profile on a real SLURM on this machine (tests/slurm/start.sh: slurmctld, two
+slurmd and munge from Debian's packages; fake GPUs as gres).
 
-The default workflow, made small, runs end to end with `--workflow-profile profiles/slurm`.
-Its training job is cancelled right after its first complete checkpoint: the profile's
-retries resubmit it and it resumes from that checkpoint. SLURM's own records say what the
-training job asked for, and a local run of the same config gives the same adapter.
+The default workflow, made small, runs end to end with `--workflow-profile profiles/slurm`,
+its training job on both nodes (one task per node, each running `accelerate launch` with its
+machine rank). The training job is cancelled right after its first complete checkpoint: the
+profile's retries resubmit it and it resumes from that checkpoint. SLURM's own records say
+what the training job asked for, and a local run of the same config (2 ranks on one
+machine) gives the same adapter, bit for bit.
 
 Skipped when SLURM cannot be started here (not root, no apt-get, the plugin missing); with
 CI=true that is a failure instead.
@@ -30,7 +32,7 @@ START, STOP = REPO / "tests/slurm/start.sh", REPO / "tests/slurm/stop.sh"
 STATE = Path(os.environ.get("SHARDTUNE_SLURM_STATE", "/tmp/shardtune-slurm"))
 CI = os.environ.get("CI") == "true"
 # the training job's request, checked against SLURM's record of it
-TRAIN_RESOURCES = {"gpu": 2, "cpus_per_task": 2, "mem_mb": 3000, "runtime": 20}
+TRAIN_RESOURCES = {"nodes": 2, "gpu": 1, "cpus_per_task": 2, "mem_mb": 3000, "runtime": 20}
 ENV = {"SHARDTUNE_ALLOW_CPU_TRAINING": "1"}  # the fake GPUs have no CUDA behind them
 
 
@@ -40,14 +42,16 @@ def unavailable(reason):
     pytest.skip(reason)
 
 
-def small_config():
+def small_config(nodes):
     """The default config with a small data set, six training steps (a checkpoint every
-    three) and the training job's resources set."""
+    three) and two ranks in all, the training job on `nodes` nodes."""
     config = default_config()
     config["dataset"].setdefault("builtin", {})["conversations"] = 100
     for run in config["runs"].values():
         run.setdefault("training", {}).update(max_steps=6, save_steps=3, eval_strategy="no")
-    config["resources"] = {"fsdp_train": TRAIN_RESOURCES}
+    # the test nodes' names do not resolve; they all are this machine
+    config["fsdp"].update(num_processes=2, main_process_ip="127.0.0.1")
+    config["resources"] = {"fsdp_train": {**TRAIN_RESOURCES, "nodes": nodes}}
     return config
 
 
@@ -119,8 +123,8 @@ def slurm_run(slurm, tmp_path_factory):
     """The workflow through the SLURM profile, its first training job cancelled once it has a
     complete checkpoint; beside it, the same config run locally up to the adapter (at the same
     time: the SLURM run mostly waits between status checks)."""
-    workdir = copy_workflow(tmp_path_factory.mktemp("slurm"), small_config())
-    local = copy_workflow(tmp_path_factory.mktemp("local"), small_config())
+    workdir = copy_workflow(tmp_path_factory.mktemp("slurm"), small_config(nodes=2))
+    local = copy_workflow(tmp_path_factory.mktemp("local"), small_config(nodes=1))
     since = last_job_id()
     started = time.monotonic()
     on_slurm = start(
@@ -161,15 +165,31 @@ def test_training_job_asked_slurm_for_the_configured_resources(slurm_run):
     assert train_jobs
     for job in train_jobs:
         record = show_job(job)
-        assert record["TresPerJob"] in ("gres:gpu:2", "gres/gpu:2"), record.get("TresPerJob")
-        assert record["NumCPUs"] == "2" and record["CPUs/Task"] == "2"
+        assert record["TresPerNode"] in ("gres:gpu:1", "gres/gpu:1"), record.get("TresPerNode")
+        assert (record["NumNodes"], record["NumTasks"], record["CPUs/Task"]) == ("2", "2", "2")
         assert record["MinMemoryNode"] == "3000M"
         assert record["TimeLimit"] == "00:20:00"
-        assert record["NumNodes"] == "1"
-    # what the training task saw inside its allocation
+
+
+def test_training_ran_one_task_per_node_with_its_machine_rank(slurm_run):
     log = (slurm_run["workdir"] / "logs/fsdp_train/demo.log").read_text()
-    assert re.search(r"launch: host \S+: SLURM_JOB_ID=\d+ .*CUDA_VISIBLE_DEVICES=0,1, CUDA sees 0 GPU", log)
-    assert "machine 0 of 1, 2 processes in all, use_cpu=True" in log
+    assert "srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=2" in log
+    mains = set()
+    for task in (0, 1):
+        # what each task saw in its allocation, and what it launched
+        seen = re.search(rf"^{task}: launch: host \S+: SLURMD_NODENAME=(\S+) SLURM_JOB_ID=\d+ SLURM_PROCID={task} .*"
+                         r"CUDA_VISIBLE_DEVICES=0, CUDA sees 0 GPU", log, re.M)  # fmt: skip
+        assert seen, log[:3000]
+        launched = re.search(rf"^{task}: launch: machine {task} of 2, 2 processes in all, use_cpu=True, main process (\S+);",
+                             log, re.M)  # fmt: skip
+        assert launched, log[:3000]
+        mains.add(launched.group(1))
+    assert len(mains) == 1 and mains.pop().startswith("127.0.0.1:")
+    done = json.loads((slurm_run["workdir"] / "results/demo/train/done.json").read_text())
+    assert (done["num_processes"], done["distributed_type"]) == (2, "DistributedType.FSDP")
+    last = slurm_run["workdir"] / "results/demo/train" / done["checkpoint"] / "pytorch_model_fsdp_0"
+    # one shard per rank, written from the two nodes
+    assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
 def test_failed_training_job_is_reported_retried_and_resumes_from_its_checkpoint(slurm_run):
@@ -187,8 +207,8 @@ def test_failed_training_job_is_reported_retried_and_resumes_from_its_checkpoint
 
 
 def test_same_adapter_as_a_local_run(slurm_run):
-    """The same config run locally trains the same adapter bit for bit (CPU training is
-    deterministic, and resuming is exact)."""
+    """The same config run locally (2 ranks on one machine) trains the same adapter bit for
+    bit as the two nodes did (CPU training is deterministic, and resuming is exact)."""
     name = "results/demo/adapter/adapter_model.safetensors"
     on_slurm, here = load_file(slurm_run["workdir"] / name), load_file(slurm_run["local"] / name)
     assert on_slurm.keys() == here.keys() and on_slurm

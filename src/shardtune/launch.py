@@ -226,7 +226,7 @@ def accelerate_command(config_path, script_args):
 
 
 def describe_node(env, cuda_gpus):
-    keys = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURM_GPUS_ON_NODE")
+    keys = ("SLURMD_NODENAME", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURM_GPUS_ON_NODE")
     seen = " ".join(f"{k}={env[k]}" for k in keys if k in env)
     return (
         f"host {socket.gethostname()}: {seen} CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '<unset>')}"

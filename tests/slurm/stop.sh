@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stop what tests/slurm/start.sh started: cancel the jobs, end what is left of them, then
-# stop slurmd, slurmctld and munged (munged only if start.sh started it), each by its pid.
+# stop the slurmd daemons, slurmctld and munged (munged only if start.sh started it), each by its pid.
 #   tests/slurm/stop.sh [--jobs-only] [STATE_DIR]     (default /tmp/shardtune-slurm)
 # --jobs-only: cancel the jobs and end their leftovers, keep the daemons running.
 set -uo pipefail
@@ -39,8 +39,8 @@ for environ in /proc/[0-9]*/environ; do
 done
 $JOBS_ONLY && exit 0
 
-for daemon in slurmd slurmctld; do
-    [ -f "$STATE/$daemon.pid" ] && stop_pid "$daemon" "$(cat "$STATE/$daemon.pid")"
+for pidfile in "$STATE"/slurmd-*.pid "$STATE/slurmctld.pid"; do
+    [ -f "$pidfile" ] && stop_pid "$(basename "$pidfile" .pid)" "$(cat "$pidfile")"
 done
 if [ -f "$STATE/munged.started" ]; then
     pid=$(cat /run/munge/munged.pid 2>/dev/null || true)
