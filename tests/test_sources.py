@@ -202,3 +202,16 @@ def test_fetch_writes_all_or_nothing(tmp_path):
     with pytest.raises(SourceError):
         fetch_dataset(dataset_spec(tmp_path / "missing.jsonl"), tmp_path / "failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.jsonl", "out"]
+
+
+def test_one_named_split_always_cuts_the_test_split(tmp_path):
+    both = datasets.DatasetDict(train=datasets.Dataset.from_list(ROWS[:10]), test=datasets.Dataset.from_list(ROWS[10:]))
+    both.save_to_disk(str(tmp_path / "dict"))
+    raw = load_raw_dataset(dataset_spec(tmp_path / "dict", splits=["train"], test_size=0.2))
+    assert (len(raw["train"]), len(raw["test"])) == (8, 2)
+
+
+def test_a_fetched_data_set_can_be_a_source_again(tmp_path):
+    fetch_dataset(dataset_spec(write_jsonl(tmp_path / "ok.jsonl", ROWS)), tmp_path / "first")
+    raw = load_raw_dataset(dataset_spec(tmp_path / "first" / "data"))
+    assert sorted(raw["test"][ROW_COLUMN]) == list(range(len(raw["test"])))  # renumbered for the new source

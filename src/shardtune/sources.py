@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import datasets
+import numpy as np
 
 from .builtin_data import build_conversations
 from .errors import UserError
@@ -155,15 +156,21 @@ def _load(spec):
     return _load_local(path, wanted)
 
 
+def _with_row_numbers(ds):
+    if ROW_COLUMN in ds.column_names:  # e.g. a fetched data set used as a source again
+        ds = ds.remove_columns(ROW_COLUMN)
+    return ds.add_column(ROW_COLUMN, np.arange(len(ds), dtype=np.int64))
+
+
 def load_source(spec):
     """Load the source and return (DatasetDict with 'train' and 'test', record for source.json)."""
     loaded = _load(spec)
     source = spec["source"]
     available = loaded.available
-    train_name, test_name = (list(spec["splits"]) + ["test"])[:2]
+    train_name, test_name = (list(spec["splits"]) + [None])[:2]
     if train_name not in loaded.splits:
         raise SourceError(f"dataset.splits: no split '{train_name}' in {source} (has: {', '.join(available)})")
-    splits = {name: ds.add_column(ROW_COLUMN, list(range(len(ds)))) for name, ds in loaded.splits.items()}
+    splits = {name: _with_row_numbers(ds) for name, ds in loaded.splits.items()}
     if len(splits[train_name]) == 0:
         raise SourceError(f"dataset: split '{train_name}' of {source} is empty")
     origin = dict(loaded.origin)
@@ -172,10 +179,10 @@ def load_source(spec):
             raise SourceError(f"dataset: split '{test_name}' of {source} is empty")
         raw = datasets.DatasetDict(train=splits[train_name], test=splits[test_name])
         origin = {"train": origin[train_name], "test": origin[test_name]}
-    elif len(spec["splits"]) == 2 and len(available) > 1:
+    elif test_name is not None and len(available) > 1:
         # The source has other splits, so a missing test split is a mistake, not a request to cut one.
         raise SourceError(f"dataset.splits: no split '{test_name}' in {source} (has: {', '.join(available)})")
-    else:
+    else:  # one split named, or a source with one split: cut the test split from it
         if len(splits[train_name]) < 2:
             raise SourceError(f"dataset: split '{train_name}' of {source} has one row; a test split cannot be cut from it")
         cut = splits[train_name].train_test_split(test_size=spec["test_size"], seed=spec["split_seed"])
