@@ -157,7 +157,7 @@ def _parse_json_text(value, field):
         return None, f"invalid JSON: {field} holds text that is not JSON ({err.msg})"
 
 
-def _render_batch(batch, *, fmt, fields, template, template_kwargs):
+def _render_batch(batch, *, fmt, fields, template, template_kwargs, with_spans=True):
     """datasets.map function: one batch of raw rows -> text, assistant char spans, reason."""
     n = len(batch[ROW_COLUMN])
     texts, spans, reasons = [""] * n, [[] for _ in range(n)], [""] * n
@@ -189,14 +189,14 @@ def _render_batch(batch, *, fmt, fields, template, template_kwargs):
             good.append(i)
     try:
         rendered, indices = render_jinja_template(
-            convs, chat_template=template, return_assistant_tokens_mask=True, **template_kwargs
+            convs, chat_template=template, return_assistant_tokens_mask=with_spans, **template_kwargs
         )
     except Exception:  # a template that raises (e.g. roles must alternate): find the rows one by one
         rendered, indices, kept = [], [], []
         for i, conv in zip(good, convs):
             try:
                 text, idx = render_jinja_template(
-                    [conv], chat_template=template, return_assistant_tokens_mask=True, **template_kwargs
+                    [conv], chat_template=template, return_assistant_tokens_mask=with_spans, **template_kwargs
                 )
             except Exception as err:
                 reasons[i] = f"chat template error: {err}"
@@ -205,7 +205,7 @@ def _render_batch(batch, *, fmt, fields, template, template_kwargs):
             indices += idx
             kept.append(i)
         good = kept
-    for i, text, idx in zip(good, rendered, indices):
+    for i, text, idx in zip(good, rendered, indices if with_spans else [()] * len(good)):
         texts[i] = text
         spans[i] = [pos for span in idx for pos in span]
     return {"text": texts, "spans": spans, "reason": reasons}
@@ -392,6 +392,7 @@ def prepare_split(ds, split, cfg, tokenizer, *, report, num_proc=1, log=print):
             fields=fields,
             template=template,
             template_kwargs=dict(tokenizer.special_tokens_map),
+            with_spans=assistant_only,
         ),
         desc=f"render {split}",
     )
@@ -487,7 +488,7 @@ def prepare_split(ds, split, cfg, tokenizer, *, report, num_proc=1, log=print):
     if packing:
         unpacked = datasets.Dataset(pa.table(columns))
         # One BFD pass over the whole split (not per map batch) for the best fill.
-        final = pack_dataset(unpacked, max_len, strategy="bfd", map_kwargs={"batch_size": len(unpacked), "keep_in_memory": True})
+        final = pack_dataset(unpacked, max_len, strategy="bfd", map_kwargs={"batch_size": len(unpacked), "keep_in_memory": True, "desc": f"pack {split}"})
     else:
         columns["seq_lengths"] = pa.ListArray.from_arrays(
             pa.array(np.arange(len(lengths) + 1), type=pa.int32()), pa.array(lengths, type=pa.int32())
@@ -598,11 +599,11 @@ def prepare(dataset_dir, model_dir, settings, out_dir, log=print, num_proc=None)
             log=log,
         )
     stats["format"] = stats["splits"]["train"]["format"]
-    stats["seconds"] = round(time.perf_counter() - start, 3)
+    stats["seconds"] = round(time.perf_counter() - start, 3)  # before writing
     with atomic_dir(out_dir) as tmp:
         datasets.DatasetDict(prepared).save_to_disk(str(tmp / "data"))
         tokenizer.save_pretrained(tmp / "tokenizer")
         plot_lengths(lengths, cfg["max_seq_len"], tmp / "lengths.png")
         write_json(tmp / "stats.json", stats)
-    log(f"wrote {out_dir} in {stats['seconds']} s")
+    log(f"wrote {out_dir}; {round(time.perf_counter() - start, 1)} s in all")
     return stats
