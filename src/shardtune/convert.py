@@ -109,18 +109,6 @@ def pad_tokenizer(tokenizer, size):
     return added
 
 
-def keep_4bit_cpu_path(model):
-    """On AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights for a faster inference kernel,
-    which fails when in_features is not a multiple of the quant block size (the built-in
-    model's 352); keep its ordinary path, the one training used."""
-    import bitsandbytes
-
-    for module in model.modules():
-        if isinstance(module, bitsandbytes.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-    return model
-
-
 @torch.no_grad()
 def _logits(model, probe):
     return model(input_ids=probe["input_ids"], position_ids=probe["position_ids"], use_cache=False).logits.float()
@@ -129,7 +117,7 @@ def _logits(model, probe):
 def checkpoint_logits(model_dir, settings, lora_config, state, probe, vocab_size):
     """Logits of the model as resuming training would restore it (the checkpoint's state set
     into a fresh PEFT model), for checkpoints that have no probe of their own."""
-    model = get_peft_model(keep_4bit_cpu_path(load_base_model(model_dir, settings, vocab_size)), lora_config).eval()
+    model = get_peft_model(load_base_model(model_dir, settings, vocab_size), lora_config).eval()
     result = set_peft_model_state_dict(model, state)
     if result.unexpected_keys:
         raise ConversionError(f"checkpoint keys the model does not have: {result.unexpected_keys[:5]}")
@@ -137,7 +125,7 @@ def checkpoint_logits(model_dir, settings, lora_config, state, probe, vocab_size
 
 
 def reloaded_logits(model_dir, adapter_dir, settings, probe, vocab_size):
-    base = keep_4bit_cpu_path(load_base_model(model_dir, settings, vocab_size))
+    base = load_base_model(model_dir, settings, vocab_size)
     return _logits(PeftModel.from_pretrained(base, adapter_dir).eval(), probe)
 
 

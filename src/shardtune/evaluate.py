@@ -18,7 +18,6 @@ from peft import PeftModel
 from transformers import AutoTokenizer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from .convert import keep_4bit_cpu_path
 from .errors import UserError
 from .generation import exact_match, generate, split_conversation
 from .io import write_json
@@ -183,7 +182,7 @@ def evaluate(model_dir, data_dir, dataset_dir, adapter_dir, settings, out_dir, l
         pad_token_id=tokenizer.pad_token_id, padding_free=settings["data"]["packing"]
     )
     start = time.perf_counter()
-    base = keep_4bit_cpu_path(load_base_model(model_dir, settings, len(tokenizer))).to(device)
+    base = load_base_model(model_dir, settings, len(tokenizer)).to(device)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
 
     metrics = {}

@@ -45,6 +45,18 @@ def load_base_model(model_dir, settings, vocab_size, attn="sdpa", **kwargs):
     if vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab_size, pad_to_multiple_of=8, mean_resizing=not q["load_in_4bit"])
     model.config.use_cache = False  # a cache would let packed sequences attend across boundaries
+    return keep_4bit_cpu_path(model)
+
+
+def keep_4bit_cpu_path(model):
+    """On AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights for a faster inference kernel,
+    which fails when in_features is not a multiple of the quant block size (the built-in
+    model's 352); keep its ordinary path, the one training used."""
+    import bitsandbytes
+
+    for module in model.modules():
+        if isinstance(module, bitsandbytes.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 
