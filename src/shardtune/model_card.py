@@ -5,35 +5,9 @@ Built only from the run's settings and result files: the hub section (endpoint, 
 handling) never appears in it.
 """
 
-import platform
-from importlib import metadata
-
 import yaml
 
-PACKAGES = (
-    "shardtune",
-    "torch",
-    "transformers",
-    "peft",
-    "trl",
-    "accelerate",
-    "datasets",
-    "tokenizers",
-    "safetensors",
-    "bitsandbytes",
-    "huggingface_hub",
-)
-
-
-def software_versions():
-    """Versions of the packages a run depends on, as installed in this environment."""
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
+from .runinfo import versions as software_versions  # the card reports what the run record does
 
 
 def hub_id(source):

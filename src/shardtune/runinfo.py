@@ -26,12 +26,13 @@ PACKAGES = (
 
 
 def versions():
+    """Versions of the packages a run depends on, as installed in this environment."""
     found = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            found[name] = None
+            continue  # optional packages (lm_eval) that are not installed
     return found
 
 

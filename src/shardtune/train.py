@@ -33,6 +33,7 @@ from .hub import every_save_callback  # noqa: E402
 from .io import read_json, write_json  # noqa: E402
 from .memory import check_fits, format_report  # noqa: E402
 from .modeling import load_base_model, packed_position_ids  # noqa: E402
+from .runinfo import versions  # noqa: E402
 
 def attention_implementation(requested):
     """flash_attention_2 where flash-attn and a GPU are there, otherwise sdpa; says why."""
@@ -286,6 +287,7 @@ def main(argv=None):
                 "metrics": result.metrics,
                 "resumed_from": resume.name if resume else None,
                 "peak_memory_gib_per_rank": peaks,
+                "versions": versions(),
                 "fingerprint": stamp,
             },
         )
