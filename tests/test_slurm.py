@@ -44,9 +44,11 @@ def unavailable(reason):
 
 def small_config(nodes):
     """The default config with a small data set, six training steps (a checkpoint every
-    three) and two ranks in all, the training job on `nodes` nodes."""
+    three), two ranks in all and a short evaluation; the training job on `nodes` nodes."""
     config = default_config()
     config["dataset"].setdefault("builtin", {})["conversations"] = 100
+    config["data"]["max_seq_len"] = 256
+    config.setdefault("evaluate", {}).update(per_task=0, samples=1)
     for run in config["runs"].values():
         run.setdefault("training", {}).update(max_steps=6, save_steps=3, eval_strategy="no")
     # the test nodes' names do not resolve; they all are this machine
