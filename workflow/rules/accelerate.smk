@@ -1,3 +1,8 @@
+# Tiny jobs: not worth a cluster job each.
+localrules:
+    write_accelerate_config,
+
+
 rule write_accelerate_config:
     output:
         "results/{run}/accelerate.yaml",
@@ -7,5 +12,6 @@ rule write_accelerate_config:
         "../../envs/train.yaml"
     params:
         settings=settings_of("fsdp"),
+        machines=planned_machines,
     script:
         "../scripts/write_accelerate_config.py"

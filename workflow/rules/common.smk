@@ -37,6 +37,12 @@ def dataset_spec(wildcards):
     return _by_key(stconfig.dataset_key, "dataset")[wildcards.dataset]
 
 
+def dataset_source_file(wildcards):
+    """A local data file as input, so that editing it fetches it again (its key is its path)."""
+    source = dataset_spec(wildcards)["source"]
+    return [source] if Path(source).is_file() else []
+
+
 def model_spec(wildcards):
     return _by_key(stconfig.model_key, "model")[wildcards.model]
 

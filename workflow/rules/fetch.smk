@@ -4,12 +4,6 @@ localrules:
     fetch_model,
 
 
-def dataset_source_file(wildcards):
-    """A local data file as input, so that editing it fetches it again (its key is its path)."""
-    source = dataset_spec(wildcards)["source"]
-    return [source] if Path(source).is_file() else []
-
-
 rule fetch_dataset:
     input:
         dataset_source_file,

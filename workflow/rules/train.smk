@@ -1,3 +1,7 @@
+localrules:
+    write_train_settings,
+
+
 # What training depends on, as a file: changing any of it reruns training (and what
 # follows); changing evaluation or publishing settings does not.
 rule write_train_settings:
