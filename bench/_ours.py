@@ -96,7 +96,19 @@ def malloc_trim():
     train.SFTTrainer = TrimSFTTrainer
 
 
-FIXES = {"per-row-attention": per_row_attention, "malloc-trim": malloc_trim}
+def mmap_threshold():
+    """Proposed fix: a fixed glibc mmap threshold (128 KiB), set before the model is loaded.
+    glibc raises its threshold after large blocks are freed, so once FSDP has replaced the
+    full weights by their shards, later blocks come from the heap and the freed weights'
+    memory stays with the process; a fixed threshold keeps large blocks in their own
+    mappings, returned to the system when freed (same as MALLOC_MMAP_THRESHOLD_=131072)."""
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
+FIXES = {"per-row-attention": per_row_attention, "malloc-trim": malloc_trim, "mmap-threshold": mmap_threshold}
 
 
 def main(argv=None):

@@ -113,6 +113,8 @@ def main(argv=None):
     tag = f"autobatch-{args.model}"
     ours_json = work / tag / "ours_settings.json"
     bl.write_json(ours_json, ours)
+    recipe_json = work / tag / "recipe_settings.json"
+    bl.write_json(recipe_json, recipe)
     memory_json = work / tag / "memory.json"
     bl.write_json(memory_json, {**estimate(shape, ours, 2), "declared": {"device_gib": budget, "cpu_gib": None, "force": False}})
     accelerate_yaml = bl.write_accelerate_yaml(ours, work / tag / "accelerate.yaml")  # same FSDP keys for both
@@ -131,8 +133,7 @@ def main(argv=None):
                 launch = bl.reference_args(fx, recipe, run_dir, timer)
             load = bl.load_average()
             wall = bl.launch(accelerate_yaml, launch, run_dir / "log.txt")
-            if path == "ours":
-                bl.record_run(run_dir, ours_json, fx)
+            bl.record_run(run_dir, ours_json if path == "ours" else recipe_json, fx, path)
             records = bl.read_timer(timer, 2)
             result = {
                 "path": path,

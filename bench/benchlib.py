@@ -79,6 +79,23 @@ def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def memory_now_gib():
+    """Current resident set split into anonymous and file-backed (mmap'd weights) memory, and
+    the proportional set size (pages shared with other processes counted by share), GiB."""
+    out = {}
+    for field, key in (("RssAnon", "rss_anon_gib"), ("RssFile", "rss_file_gib")):
+        kib = _status_kib(field)
+        if kib is not None:
+            out[key] = kib / 2**20
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                out["pss_gib"] = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return out
+
+
 def cpu_seconds():
     """User + system CPU time of this process so far (all its threads)."""
     import resource
@@ -129,6 +146,7 @@ def step_timer(path, reset_peak=False):
                     "tokens": state.num_input_tokens_seen,
                     "peak_gib": peak_rss_gib(),
                     "cpu_s": cpu_seconds(),
+                    **memory_now_gib(),
                 }
             )
 
@@ -282,22 +300,6 @@ def write_accelerate_yaml(settings, path):
     return path
 
 
-def write_ddp_yaml(path, num_processes=2):
-    """Plain multi-process CPU data parallel: every rank holds the whole model (no sharding)."""
-    import yaml
-
-    config = {
-        "compute_environment": "LOCAL_MACHINE",
-        "distributed_type": "MULTI_CPU",
-        "mixed_precision": "no",
-        "num_machines": 1,
-        "num_processes": num_processes,
-        "use_cpu": True,
-    }
-    Path(path).write_text(yaml.safe_dump(config))
-    return path
-
-
 # --- runs ----------------------------------------------------------------------------------
 
 
@@ -339,9 +341,11 @@ def ours_args(settings_json, fx, out_dir, timer, memory_json=None, fix=None, res
     return args
 
 
-def record_run(run_dir, settings_json, fx):
-    """run.json next to a shardtune run's done.json: what estimator_accuracy.py needs."""
-    write_json(Path(run_dir) / "run.json", {"settings": str(settings_json), "model_files": str(fx["model_files"])})
+def record_run(run_dir, settings_json, fx, path="ours"):
+    """run.json in a run's directory: what estimator_accuracy.py needs."""
+    write_json(
+        Path(run_dir) / "run.json", {"settings": str(settings_json), "model_files": str(fx["model_files"]), "path": path}
+    )
 
 
 def recipe_flags(fx, settings, out_dir):
@@ -395,8 +399,9 @@ def recipe_flags(fx, settings, out_dir):
     return [f"--{k}={v}" for k, v in flags.items()]
 
 
-def reference_args(fx, settings, out_dir, timer, attn=None, reset_peak=False):
+def reference_args(fx, settings, out_dir, timer, attn=None, reset_peak=False, ddp=False):
     args = [BENCH / "reference_train.py", *recipe_flags(fx, settings, out_dir), f"--bench_timer={timer}"]
+    args += ["--bench_ddp=True"] if ddp else []
     args += [f"--attn_implementation={attn}"] if attn else []
     args += ["--bench_reset_peak=True"] if reset_peak else []
     return args

@@ -84,19 +84,30 @@ def cpu_rows(work):
     for record in sorted(Path(work).rglob("run.json")):
         run = json.loads(record.read_text())
         done = record.parent / "done.json"
-        if not done.is_file():
+        records = [json.loads(p.read_text()) for p in sorted(record.parent.glob("timer.rank*.json"))]
+        if done.is_file():  # a shardtune run: done.json's peak_memory_gib_per_rank
+            peaks = json.loads(done.read_text())["peak_memory_gib_per_rank"]
+            measured = max(peaks)
+            if records and all(r["peak_reset"] for r in records):  # done.json then holds the training peak only
+                measured = max(max(r["peak_before_train_gib"], r["peak_train_gib"]) for r in records)
+        elif records:  # a reference run: the same ru_maxrss, from the step timer
+            measured = max(max(r["peak_before_train_gib"], r["peak_train_gib"]) for r in records)
+            peaks = [None] * len(records)
+        else:
             continue
-        peaks = json.loads(done.read_text())["peak_memory_gib_per_rank"]
         settings = json.loads(Path(run["settings"]).read_text())
+        if run.get("path", "ours").startswith("reference"):
+            # the estimate of the same settings; the recipe's attention is eager (no flash-attn here)
+            attn = "sdpa" if run["path"].endswith("sdpa") else "eager"
+            settings = {**settings, "model": {**settings["model"], "attn_implementation": attn}}
+        if "ddp" in run.get("path", ""):
+            settings = {**settings, "fsdp": {**settings["fsdp"], "sharding_strategy": "NO_SHARD"}}
         report = estimate(model_shape(run["model_files"], settings["lora"]), settings, len(peaks))
         t = settings["training"]
-        measured = max(peaks)
-        timers = sorted(record.parent.glob("timer.rank*.json"))
-        records = [json.loads(p.read_text()) for p in timers]
-        if records and all(r["peak_reset"] for r in records):  # done.json then holds the training peak only
-            measured = max(max(r["peak_before_train_gib"], r["peak_train_gib"]) for r in records)
         rows.append({
             "run": str(record.parent.relative_to(work)),
+            "path": run.get("path", "ours"),
+            "attention": settings["model"]["attn_implementation"],
             "model": Path(run["model_files"]).name,
             "batch": t["per_device_train_batch_size"],
             "checkpointing": t["gradient_checkpointing"],
@@ -129,7 +140,7 @@ def main(argv=None):
         print()
         print(f"CPU runs under {args.work}: estimate device_gib against measured peak RSS per rank ({bl.machine()}):")
         print(bl.table(result["cpu"], [
-            ("run", "run", None), ("model", "model", None), ("batch", "batch", None), ("checkpointing", "ckpt", None),
+            ("run", "run", None), ("attention", "attention", None), ("model", "model", None), ("batch", "batch", None), ("checkpointing", "ckpt", None),
             ("measured", "measured GiB", "{:.2f}"), ("estimate", "estimate GiB", "{:.2f}"), ("error_pct", "error", "{:+.0f}%"),
         ]))
     out = args.out or args.work / "estimator_accuracy.json"

@@ -22,6 +22,7 @@ Differences, all outside the timed training steps unless stated:
 - The data set is read from local directories (load_from_disk(<dataset_name>/<split>), the
   recipe's own fallback) without first asking the hub; nothing can be downloaded here.
 - Bench-only flags: --bench_timer (step times, see benchlib.step_timer), --bench_reset_peak,
+  --bench_ddp (no FSDP: the no-sharding baseline),
   --attn_implementation (overrides the flash/eager choice, e.g. sdpa to match our kernel).
 """
 
@@ -32,7 +33,11 @@ from typing import Optional
 
 import torch
 
-if not torch.cuda.is_available():
+# bench-only: --bench_ddp True trains without FSDP (plain multi-process data parallel, every
+# rank holding the whole model) under the same launch config: the "no sharding" baseline
+BENCH_DDP = any(a in ("--bench_ddp", "--bench_ddp=True") for a in sys.argv)
+
+if not torch.cuda.is_available() and not BENCH_DDP:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
     from shardtune.cpu_fsdp import keep_fsdp_on_cpu
 
@@ -109,6 +114,7 @@ class BenchArguments:
     attn_implementation: Optional[str] = field(default=None, metadata={"help": "override the flash/eager choice"})
     bench_timer: Optional[str] = field(default=None, metadata={"help": "write step times here (benchlib.step_timer)"})
     bench_reset_peak: bool = field(default=False, metadata={"help": "count peak RSS from the start of training"})
+    bench_ddp: bool = field(default=False, metadata={"help": "no FSDP: plain data parallel under the same launch"})
 
 
 def load_splits(data_args):
@@ -216,7 +222,10 @@ def main(model_args, data_args, training_args, bench):
         callbacks=callbacks,
     )
     trainer.accelerator.print(f"distributed type: {trainer.accelerator.distributed_type}, fsdp: {trainer.is_fsdp_enabled}")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+    if bench.bench_ddp:
+        if trainer.is_fsdp_enabled or trainer.accelerator.num_processes < 2:
+            raise SystemExit("--bench_ddp: expected plain data parallel over several processes")
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
         raise SystemExit("the launch config asks for FSDP but it is not active: not a fair comparison")
     if hasattr(trainer.model, "print_trainable_parameters"):
         trainer.model.print_trainable_parameters()

@@ -3,16 +3,23 @@ whose weights dominate memory (LoRA on a ~0.75B-parameter fp32 base, short seque
 
 Runs (2 CPU ranks each, same model, data, batch and LoRA):
 - ours: shardtune's training path, FSDP2 FULL_SHARD (the default);
-- ours-malloc-trim: ours + a proposed fix, freed heap memory returned after wrapping;
+- ours-mmap-threshold: ours + a proposed fix, a fixed glibc mmap threshold so that the memory
+  of the full weights, freed once FSDP has sharded them, goes back to the system;
+- ours-malloc-trim: ours + malloc_trim(0) at train begin (does not give that memory back);
 - ours-no-shard-setting: shardtune with fsdp.sharding_strategy NO_SHARD (under FSDP2 the
   config only turns off resharding after forward: the weights stay sharded);
 - reference-fsdp: the recipe's train.py under the same FSDP2 launch config;
-- reference-ddp: the recipe's train.py as plain multi-process data parallel (MULTI_CPU):
-  every rank holds the whole model, i.e. no sharding.
+- reference-ddp: the recipe's train.py as plain multi-process data parallel (same launch, FSDP
+  shim not applied, so Accelerate runs MULTI_CPU data parallel): every rank holds the whole
+  model, i.e. no sharding.
 
 Peak memory is the resident set per rank (ru_maxrss): over the whole process (what
 done.json's peak_memory_gib_per_rank reports: it includes loading the model) and over training
-only (the count restarted when training starts, Linux clear_refs).
+only (the count restarted when training starts, Linux clear_refs). transformers maps the
+safetensors file and leaves frozen weights file-backed until something writes them, and two
+ranks mapping the same file share those pages: RSS counts them in each rank, the
+proportional set size (PSS, highest at a step end) counts them once over the ranks, so both
+are reported, with the step-end RSS split into anonymous and file-backed memory.
 
     python bench/sharding_memory.py                 # the figure in BENCHMARKS.md
     python bench/sharding_memory.py --model tiny --steps 2 --max-seq-len 128   # smoke test
@@ -24,7 +31,7 @@ from pathlib import Path
 
 import benchlib as bl
 
-PATHS = ["ours", "ours-malloc-trim", "ours-no-shard-setting", "reference-fsdp", "reference-ddp"]
+PATHS = ["ours", "ours-mmap-threshold", "ours-malloc-trim", "ours-no-shard-setting", "reference-fsdp", "reference-ddp"]
 
 
 def parse_args(argv=None):
@@ -65,19 +72,15 @@ def main(argv=None):
         chosen = no_shard if path == "ours-no-shard-setting" else settings
         settings_json = run_dir / "train_settings.json"
         bl.write_json(settings_json, chosen)
-        if path == "reference-ddp":
-            accelerate_yaml = bl.write_ddp_yaml(run_dir / "accelerate.yaml")
-        else:
-            accelerate_yaml = bl.write_accelerate_yaml(chosen, run_dir / "accelerate.yaml")
+        accelerate_yaml = bl.write_accelerate_yaml(chosen, run_dir / "accelerate.yaml")
         if path.startswith("ours"):
-            fix = "malloc-trim" if path == "ours-malloc-trim" else None
+            fix = path[len("ours-"):] if path in ("ours-malloc-trim", "ours-mmap-threshold") else None
             launch = bl.ours_args(settings_json, fx, run_dir, timer, fix=fix, reset_peak=True)
         else:
-            launch = bl.reference_args(fx, settings, run_dir, timer, reset_peak=True)
+            launch = bl.reference_args(fx, settings, run_dir, timer, reset_peak=True, ddp=path == "reference-ddp")
         load = bl.load_average()
         wall = bl.launch(accelerate_yaml, launch, run_dir / "log.txt")
-        if path.startswith("ours"):
-            bl.record_run(run_dir, settings_json, fx)
+        bl.record_run(run_dir, settings_json, fx, path)
         records = bl.read_timer(timer, 2)
         row = {
             "path": path,
@@ -85,6 +88,10 @@ def main(argv=None):
             "wall_s": wall,
             "process_peak_gib": max(max(r["peak_before_train_gib"], r["peak_train_gib"]) for r in records),
             "train_peak_gib": max(r["peak_train_gib"] for r in records) if all(r["peak_reset"] for r in records) else None,
+            # physical share: file-backed (mmap'd) weights shared by the ranks count once in all
+            "pss_gib": max(max(step.get("pss_gib", 0) for step in r["steps"]) for r in records) or None,
+            "anon_gib": max(max(step.get("rss_anon_gib", 0) for step in r["steps"]) for r in records) or None,
+            "file_gib": max(max(step.get("rss_file_gib", 0) for step in r["steps"]) for r in records) or None,
             "per_rank": [{k: r[k] for k in ("rank", "peak_before_train_gib", "peak_train_gib", "peak_reset")} for r in records],
         }
         rows.append(row)
@@ -97,6 +104,8 @@ def main(argv=None):
             row["process_ratio"] = row["process_peak_gib"] / base["process_peak_gib"]
             if row["train_peak_gib"] and base["train_peak_gib"]:
                 row["train_ratio"] = row["train_peak_gib"] / base["train_peak_gib"]
+            if row["pss_gib"] and base["pss_gib"]:
+                row["pss_ratio"] = row["pss_gib"] / base["pss_gib"]
     from shardtune.memory import model_shape
 
     shape = model_shape(str(fx["model_files"]), settings["lora"])
@@ -111,6 +120,10 @@ def main(argv=None):
         ("process_ratio", "vs no sharding", "{:.2f}x"),
         ("train_peak_gib", "training peak GiB/rank", "{:.2f}"),
         ("train_ratio", "vs no sharding", "{:.2f}x"),
+        ("anon_gib", "of it anonymous GiB", "{:.2f}"),
+        ("file_gib", "of it file-backed GiB", "{:.2f}"),
+        ("pss_gib", "PSS GiB/rank", "{:.2f}"),
+        ("pss_ratio", "vs no sharding", "{:.2f}x"),
     ]))
     print(f"results: {out}")
     return rows

@@ -18,6 +18,7 @@ PATHS = {
     # name: (label, how to build the launch arguments)
     "ours": "shardtune (accelerate launch -m shardtune.train)",
     "ours-per-row": "shardtune + proposed fix: per-row attention",
+    "ours-mmap-threshold": "shardtune + proposed fix: fixed glibc mmap threshold",
     "reference": "recipe train.py (eager attention: no flash-attn without a GPU)",
     "reference-sdpa": "recipe train.py with sdpa attention (ours' kernel)",
 }
@@ -47,7 +48,7 @@ def parse_args(argv=None):
 
 def launch_args(path, fx, settings_json, settings, run_dir, timer):
     if path.startswith("ours"):
-        fix = "per-row-attention" if path == "ours-per-row" else None
+        fix = {"ours-per-row": "per-row-attention", "ours-mmap-threshold": "mmap-threshold"}.get(path)
         return bl.ours_args(settings_json, fx, run_dir, timer, fix=fix)
     attn = "sdpa" if path == "reference-sdpa" else None
     return bl.reference_args(fx, settings, run_dir, timer, attn=attn)
@@ -76,8 +77,7 @@ def main(argv=None):
             wall = bl.launch(
                 accelerate_yaml, launch_args(path, fx, settings_json, settings, run_dir, timer), run_dir / "log.txt"
             )
-            if path.startswith("ours"):
-                bl.record_run(run_dir, settings_json, fx)
+            bl.record_run(run_dir, settings_json, fx, path)
             records = bl.read_timer(timer, 2)
             result = {"path": path, "round": round_, "load_before": load, "wall_s": wall, **bl.throughput(records, args.warmup)}
             result["threads"] = records[0]["threads"]
