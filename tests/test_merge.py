@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from shardtune import merge as stmerge
 from shardtune.builtin_model import build_model
 from shardtune.config import resolve_runs
-from shardtune.convert import keep_4bit_cpu_path
 from shardtune.modeling import load_base_model
 
 
@@ -38,7 +37,7 @@ def qlora_run(tmp_path_factory):
 
     ids = torch.tensor([tokenizer("What is 12 + 30? 42 apple banana")["input_ids"]])
     positions = torch.arange(ids.shape[1])[None]
-    base = keep_4bit_cpu_path(load_base_model(model_dir, settings, len(tokenizer)))
+    base = load_base_model(model_dir, settings, len(tokenizer))
     trained = PeftModel.from_pretrained(base, adapter).eval()
     with torch.no_grad():
         logits = trained(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
