@@ -108,7 +108,38 @@ def mmap_threshold():
     ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
 
-FIXES = {"per-row-attention": per_row_attention, "malloc-trim": malloc_trim, "mmap-threshold": mmap_threshold}
+def mmap_threshold_while_loading():
+    """Proposed fix: the fixed 128 KiB mmap threshold while the model is loaded and wrapped
+    (the full weights' memory then goes back to the system when FSDP frees it), then 32 MiB,
+    glibc's own ceiling, from train begin, so that the training steps reuse heap memory as
+    they do today instead of mapping and zeroing fresh pages for every large tensor."""
+    import ctypes
+
+    from transformers import TrainerCallback
+
+    M_MMAP_THRESHOLD = -3
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+    class Raise(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+
+    base = train.SFTTrainer
+
+    class LoadSFTTrainer(base):
+        def __init__(self, *args, callbacks=None, **kwargs):
+            super().__init__(*args, callbacks=[Raise(), *(callbacks or [])], **kwargs)
+
+    train.SFTTrainer = LoadSFTTrainer
+
+
+FIXES = {
+    "per-row-attention": per_row_attention,
+    "malloc-trim": malloc_trim,
+    "mmap-threshold": mmap_threshold,
+    "mmap-threshold-while-loading": mmap_threshold_while_loading,
+}
 
 
 def main(argv=None):

@@ -5,6 +5,8 @@ Runs (2 CPU ranks each, same model, data, batch and LoRA):
 - ours: shardtune's training path, FSDP2 FULL_SHARD (the default);
 - ours-mmap-threshold: ours + a proposed fix, a fixed glibc mmap threshold so that the memory
   of the full weights, freed once FSDP has sharded them, goes back to the system;
+- ours-mmap-threshold-while-loading: the same while loading and wrapping, glibc's ceiling
+  (32 MiB) from train begin (the training steps then allocate as they do today);
 - ours-malloc-trim: ours + malloc_trim(0) at train begin (does not give that memory back);
 - ours-no-shard-setting: shardtune with fsdp.sharding_strategy NO_SHARD (under FSDP2 the
   config only turns off resharding after forward: the weights stay sharded);
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import benchlib as bl
 
-PATHS = ["ours", "ours-mmap-threshold", "ours-malloc-trim", "ours-no-shard-setting", "reference-fsdp", "reference-ddp"]
+PATHS = ["ours", "ours-mmap-threshold", "ours-mmap-threshold-while-loading", "ours-malloc-trim", "ours-no-shard-setting", "reference-fsdp", "reference-ddp"]
 
 
 def parse_args(argv=None):
@@ -74,7 +76,7 @@ def main(argv=None):
         bl.write_json(settings_json, chosen)
         accelerate_yaml = bl.write_accelerate_yaml(chosen, run_dir / "accelerate.yaml")
         if path.startswith("ours"):
-            fix = path[len("ours-"):] if path in ("ours-malloc-trim", "ours-mmap-threshold") else None
+            fix = path[len("ours-"):] if path in ("ours-malloc-trim", "ours-mmap-threshold", "ours-mmap-threshold-while-loading") else None
             launch = bl.ours_args(settings_json, fx, run_dir, timer, fix=fix, reset_peak=True)
         else:
             launch = bl.reference_args(fx, settings, run_dir, timer, reset_peak=True, ddp=path == "reference-ddp")

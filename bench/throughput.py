@@ -18,7 +18,8 @@ PATHS = {
     # name: (label, how to build the launch arguments)
     "ours": "shardtune (accelerate launch -m shardtune.train)",
     "ours-per-row": "shardtune + proposed fix: per-row attention",
-    "ours-mmap-threshold": "shardtune + proposed fix: fixed glibc mmap threshold",
+    "ours-mmap-threshold": "shardtune + fixed glibc mmap threshold",
+    "ours-mmap-threshold-while-loading": "shardtune + proposed fix: fixed mmap threshold while loading",
     "reference": "recipe train.py (eager attention: no flash-attn without a GPU)",
     "reference-sdpa": "recipe train.py with sdpa attention (ours' kernel)",
 }
@@ -37,7 +38,8 @@ def parse_args(argv=None):
         "--paths", default="ours,reference,reference-sdpa", help=f"comma-separated, from: {', '.join(PATHS)}"
     )
     p.add_argument("--work", type=Path, default=bl.DEFAULT_WORK)
-    p.add_argument("--out", type=Path, help="results JSON (default: <work>/throughput.json)")
+    p.add_argument("--tag", help="run directory under --work (default: throughput-<model>-b<batch>)")
+    p.add_argument("--out", type=Path, help="results JSON (default: <work>/<tag>.json)")
     args = p.parse_args(argv)
     args.paths = args.paths.split(",")
     unknown = [x for x in args.paths if x not in PATHS]
@@ -48,7 +50,7 @@ def parse_args(argv=None):
 
 def launch_args(path, fx, settings_json, settings, run_dir, timer):
     if path.startswith("ours"):
-        fix = {"ours-per-row": "per-row-attention", "ours-mmap-threshold": "mmap-threshold"}.get(path)
+        fix = {"ours-per-row": "per-row-attention"}.get(path, path[len("ours-"):] if path != "ours" else None)
         return bl.ours_args(settings_json, fx, run_dir, timer, fix=fix)
     attn = "sdpa" if path == "reference-sdpa" else None
     return bl.reference_args(fx, settings, run_dir, timer, attn=attn)
@@ -60,7 +62,7 @@ def main(argv=None):
     fx = bl.fixtures(work, args.model, args.conversations, args.max_seq_len)
     config = bl.run_config(fx["model"], fx["dataset"], args.conversations, args.max_seq_len, args.batch, args.steps)
     settings = bl.settings_of(config)
-    tag = f"throughput-{args.model}-b{args.batch}"
+    tag = args.tag or f"throughput-{args.model}-b{args.batch}"
     settings_json = work / tag / "train_settings.json"
     bl.write_json(settings_json, settings)
     accelerate_yaml = bl.write_accelerate_yaml(settings, work / tag / "accelerate.yaml")

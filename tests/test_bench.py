@@ -152,3 +152,26 @@ def test_the_per_row_fix_keeps_packed_sequences_apart():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         alone = model(input_ids=second[None], use_cache=False).logits
     assert torch.allclose(packed[0, 7:], alone[0], atol=1e-5)
+
+
+def test_every_variant_of_ours_names_a_known_fix(tmp_path):
+    import _ours
+    import sharding_memory
+
+    fx = {"prepared": tmp_path, "model": tmp_path, "model_files": tmp_path, "recipe_data": tmp_path}
+    settings = bench_settings(tmp_path)
+    for path in throughput.PATHS:
+        args = [str(a) for a in throughput.launch_args(path, fx, tmp_path / "s.json", settings, tmp_path, tmp_path / "t.json")]
+        fixes = [args[i + 1] for i, a in enumerate(args) if a == "--fix"]
+        assert all(f in _ours.FIXES for f in fixes), (path, fixes)
+        assert bool(fixes) == (path.startswith("ours-")), path
+    for path in sharding_memory.PATHS:
+        if path.startswith("ours-") and path != "ours-no-shard-setting":
+            assert path[len("ours-") :] in _ours.FIXES, path
+
+
+def test_the_no_sharding_baseline_asks_the_reference_for_plain_data_parallel(tmp_path):
+    settings = bench_settings(tmp_path)
+    fx = {"model_files": tmp_path, "recipe_data": tmp_path}
+    assert "--bench_ddp=True" in benchlib.reference_args(fx, settings, tmp_path, tmp_path / "t.json", ddp=True)
+    assert "--bench_ddp=True" not in benchlib.reference_args(fx, settings, tmp_path, tmp_path / "t.json")
