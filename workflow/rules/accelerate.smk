@@ -12,6 +12,5 @@ rule write_accelerate_config:
         "../../envs/train.yaml"
     params:
         settings=settings_of("fsdp"),
-        machines=planned_machines,
     script:
         "../scripts/write_accelerate_config.py"

@@ -192,12 +192,3 @@ def report_outputs():
         for name in ("overview.html", "loss.png", "learning_rate.png", "throughput.png")
         for path in each_run(f"results/{{run}}/eval/{name}")
     ]
-
-
-def planned_machines(wildcards):
-    """Nodes and GPUs per node the run's training job asks for (resources.fsdp_train), for
-    an Accelerate config written away from the training nodes."""
-    from shardtune import launch as stlaunch
-
-    res = RUNS[wildcards.run]["resources"]["fsdp_train"]
-    return {"nodes": res["nodes"], "gpus_per_node": stlaunch.gpus_per_node(res)}
