@@ -108,11 +108,21 @@ def mmap_threshold():
     ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
 
+def mmap_threshold_4m():
+    """A fixed 4 MiB mmap threshold: the per-parameter blocks FSDP gathers and frees (a layer's
+    weight matrices) get their own mappings, smaller tensors (most activations) the heap."""
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 4 * 1024 * 1024)
+
+
 def mmap_threshold_while_loading():
-    """Proposed fix: the fixed 128 KiB mmap threshold while the model is loaded and wrapped
-    (the full weights' memory then goes back to the system when FSDP frees it), then 32 MiB,
-    glibc's own ceiling, from train begin, so that the training steps reuse heap memory as
-    they do today instead of mapping and zeroing fresh pages for every large tensor."""
+    """Proposed fix: the fixed 128 KiB mmap threshold while the model is loaded, wrapped and
+    through the first optimizer step (FSDP2's lazy initialisation in the first forward copies
+    every local shard once more), so that the memory FSDP frees goes back to the system; then
+    32 MiB, glibc's own ceiling, so that later steps reuse heap memory as they do today instead
+    of mapping and zeroing fresh pages for every large tensor."""
     import ctypes
 
     from transformers import TrainerCallback
@@ -122,8 +132,13 @@ def mmap_threshold_while_loading():
     libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
     class Raise(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1 or not getattr(self, "raised", True):
+                libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+            self.raised = True
+
         def on_train_begin(self, args, state, control, **kwargs):
-            libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+            self.raised = False
 
     base = train.SFTTrainer
 
@@ -139,6 +154,7 @@ FIXES = {
     "malloc-trim": malloc_trim,
     "mmap-threshold": mmap_threshold,
     "mmap-threshold-while-loading": mmap_threshold_while_loading,
+    "mmap-threshold-4m": mmap_threshold_4m,
 }
 
 

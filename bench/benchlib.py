@@ -159,6 +159,11 @@ def step_timer(path, reset_peak=False):
     return StepTimer()
 
 
+def timer_files(path, world_size):
+    path = Path(path)
+    return [path.with_name(f"{path.stem}.rank{r}{path.suffix}") for r in range(world_size)]
+
+
 def read_timer(path, world_size):
     """The per-rank records of a run timed with step_timer."""
     path = Path(path)
@@ -303,9 +308,10 @@ def write_accelerate_yaml(settings, path):
 # --- runs ----------------------------------------------------------------------------------
 
 
-def launch(accelerate_yaml, script_and_args, log_path, timeout=1800, module=False, env=None):
+def launch(accelerate_yaml, script_and_args, log_path, timeout=1800, module=False, env=None, finished=()):
     """`accelerate launch --config_file X [-m] script args`; returns wall seconds. Raises with
-    the log's tail if the run fails."""
+    the log's tail if the run fails, unless every file in `finished` exists (the run trained
+    to the end and failed while exiting: then it says so and carries on)."""
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(accelerate_yaml)]
     cmd += ["-m"] if module else []
     cmd += [str(a) for a in script_and_args]
@@ -323,7 +329,9 @@ def launch(accelerate_yaml, script_and_args, log_path, timeout=1800, module=Fals
     with open(log_path, "w") as log:
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env, timeout=timeout)
     seconds = time.perf_counter() - start
-    if done.returncode != 0:
+    if done.returncode != 0 and finished and all(Path(f).is_file() for f in finished):
+        print(f"warning: exit status {done.returncode} after training finished (see {log_path})", flush=True)
+    elif done.returncode != 0:
         tail = Path(log_path).read_text()[-4000:]
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}), log {log_path}:\n{tail}")
     return seconds

@@ -19,7 +19,8 @@ PATHS = {
     "ours": "shardtune (accelerate launch -m shardtune.train)",
     "ours-per-row": "shardtune + proposed fix: per-row attention",
     "ours-mmap-threshold": "shardtune + fixed glibc mmap threshold",
-    "ours-mmap-threshold-while-loading": "shardtune + proposed fix: fixed mmap threshold while loading",
+    "ours-mmap-threshold-while-loading": "shardtune + fixed mmap threshold while loading",
+    "ours-mmap-threshold-4m": "shardtune + fixed 4 MiB mmap threshold",
     "reference": "recipe train.py (eager attention: no flash-attn without a GPU)",
     "reference-sdpa": "recipe train.py with sdpa attention (ours' kernel)",
 }
