@@ -61,7 +61,7 @@ def guide_rows():
     rows = []
     for case, preset, overrides, world, what, low, high in GUIDE:
         config = yaml.safe_load((bl.REPO / "configs" / f"{preset}.yaml").read_text())
-        # publishing does not change memory (and the presets' bare repo_id fails the current schema)
+        # publishing does not change memory
         config = deep_merge(config, {"hub": {"push": False, "repo_id": None}})
         (settings,) = resolve_runs(deep_merge(config, overrides)).values()
         report = estimate(model_shape(llama2_70b(), settings["lora"]), settings, world)

@@ -19,5 +19,9 @@ python bench/snakemake_overhead.py
 python bench/estimator_accuracy.py
 python bench/attention_micro.py --batch 2
 python bench/attention_micro.py --batch 8
+python bench/profile_step.py --batch 2 --layout flattened
+python bench/profile_step.py --batch 2 --layout per-row
+python bench/profile_step.py --batch 8 --layout flattened
+python bench/profile_step.py --batch 8 --layout per-row
 python bench/gpu_mfu.py --plan
 uptime

@@ -16,7 +16,9 @@ import autobatch  # noqa: E402
 import benchlib  # noqa: E402
 import throughput  # noqa: E402
 
-SCRIPTS = ["throughput", "autobatch", "sharding_memory", "snakemake_overhead", "estimator_accuracy", "gpu_mfu"]
+SCRIPTS = [
+    "throughput", "autobatch", "sharding_memory", "snakemake_overhead", "estimator_accuracy", "gpu_mfu", "attention_micro", "profile_step"
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
