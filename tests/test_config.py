@@ -54,6 +54,7 @@ def test_a_bad_value_is_rejected_naming_its_key(config, key):
     [
         ({"quantization": {"load_in_8bit": True}}, "quantization.load_in_8bit", "load_in_4bit"),
         ({"fsdp": {"forward_prefetch": True}}, "fsdp.forward_prefetch", "fsdp.version: 1"),
+        ({"fsdp": {"sharding_strategy": "NO_SHARD"}}, "fsdp.sharding_strategy", "FULL_SHARD"),
         (
             {"quantization": {"load_in_4bit": True, "bnb_4bit_quant_storage_dtype": "bfloat16"}, "fsdp": {"mixed_precision": "fp16"}},
             "quantization.bnb_4bit_quant_storage_dtype",

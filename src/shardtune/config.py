@@ -93,6 +93,8 @@ def check_combinations(s, prefix="run"):
 
     if q["load_in_8bit"]:
         fail("quantization.load_in_8bit", "8-bit quantization cannot be sharded by FSDP; use load_in_4bit (QLoRA)")
+    if f["version"] == 2 and f["sharding_strategy"] == "NO_SHARD":
+        fail("fsdp.sharding_strategy", "FSDP2 cannot leave parameters unsharded; use FULL_SHARD or SHARD_GRAD_OP")
     if f["version"] == 2 and f["forward_prefetch"]:
         fail("fsdp.forward_prefetch", "FSDP2 has no forward prefetch option; set it false or use fsdp.version: 1")
     if q["load_in_4bit"]:
