@@ -47,6 +47,22 @@ def snakemake(workdir, *args, check=True, timeout=900, env=None):
     return result
 
 
+def jobs_in_dry_run(output):
+    """Rule name -> count from the 'Job stats' table Snakemake prints before running."""
+    counts, in_table = {}, False
+    for line in output.splitlines():
+        if line.startswith("job "):
+            in_table = True
+            continue
+        if in_table:
+            parts = line.split()
+            if not parts or parts[0] == "total":
+                break
+            if len(parts) == 2 and parts[1].isdigit():
+                counts[parts[0]] = int(parts[1])
+    return counts
+
+
 def default_config(workdir=REPO):
     return yaml.safe_load((Path(workdir) / "config.yaml").read_text())
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import copy_workflow, default_config, snakemake
+from conftest import copy_workflow, default_config, jobs_in_dry_run, snakemake
 from shardtune.config import resolve_runs
 from shardtune.convert import convert
 from shardtune.modeling import load_base_model
@@ -44,27 +44,11 @@ def sweep_config():
     return config
 
 
-def job_counts(output):
-    """Rule name -> count from the 'Job stats' table Snakemake prints before running."""
-    counts, in_table = {}, False
-    for line in output.splitlines():
-        if line.startswith("job "):
-            in_table = True
-            continue
-        if in_table:
-            parts = line.split()
-            if not parts or parts[0] == "total":
-                break
-            if len(parts) == 2 and parts[1].isdigit():
-                counts[parts[0]] = int(parts[1])
-    return counts
-
-
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     workdir = copy_workflow(tmp_path_factory.mktemp("sweep"), sweep_config())
     result = snakemake(workdir, "--cores", "2")
-    return workdir, job_counts(result.stdout)
+    return workdir, jobs_in_dry_run(result.stdout)
 
 
 def read_json(path):

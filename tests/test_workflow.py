@@ -9,28 +9,12 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import copy_workflow, default_config, snakemake
+from conftest import copy_workflow, default_config, jobs_in_dry_run, snakemake
 from shardtune.checkpoints import MARKER, checkpoints
 
 
 def read_json(path):
     return json.loads(path.read_text())
-
-
-def jobs_in_dry_run(output):
-    """Rule name -> count from the 'Job stats' table of `snakemake -n`."""
-    counts, in_table = {}, False
-    for line in output.splitlines():
-        if line.startswith("job "):
-            in_table = True
-            continue
-        if in_table:
-            parts = line.split()
-            if not parts or parts[0] == "total":
-                break
-            if len(parts) == 2 and parts[1].isdigit():
-                counts[parts[0]] = int(parts[1])
-    return counts
 
 
 def test_training_really_sharded_with_fsdp_on_two_ranks(demo_run):
