@@ -8,7 +8,7 @@ uptime
 python bench/throughput.py --model small --steps 8 --warmup 2 --repeats 2 --paths ours,reference,ours-per-row
 python bench/throughput.py --model small --steps 6 --warmup 2 --repeats 1 --paths ours,reference-sdpa --tag throughput-sdpa
 python bench/autobatch.py --recipe-accumulation 1 --steps 3 --warmup 1 --repeats 2
-python bench/sharding_memory.py --paths reference-ddp,ours,ours-malloc-trim,reference-fsdp,ours-no-shard-setting
+python bench/sharding_memory.py --paths reference-ddp,ours,ours-malloc-trim,reference-fsdp,ours-no-shard-setting  # the last is now refused by the config
 python bench/sharding_memory.py --paths reference-ddp,ours,ours-mmap-threshold --out build/bench/sharding-deep-mmap.json
 python bench/sharding_memory.py --paths reference-ddp,ours-mmap-threshold-while-loading --steps 3 --out build/bench/sharding-deep-mmap-load.json
 python bench/sharding_memory.py --paths reference-ddp,ours-mmap-threshold-4m --steps 3 --out build/bench/sharding-deep-mmap-4m.json
