@@ -204,37 +204,15 @@ def throughput(records, warmup):
 
 
 def build_model_dir(out_dir, name):
-    """A Llama-shaped model + the built-in tokenizer in `out_dir` (skipped if there). Like
-    builtin_model.build_model, with an optional embedding table larger than the tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from shardtune.builtin_model import build_tokenizer
+    """A Llama-shaped model + the built-in tokenizer in `out_dir` (skipped if there), built by
+    builtin_model.build_model from MODEL_SPECS[name]."""
+    from shardtune.builtin_model import build_model
 
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():
         return out_dir
-    spec = {**BASE_SPEC, **MODEL_SPECS[name]}
-    tokenizer = build_tokenizer(spec["vocab_size"], spec["seed"])
-    config = LlamaConfig(
-        vocab_size=max(len(tokenizer), spec.get("config_vocab", 0)),
-        hidden_size=spec["hidden_size"],
-        intermediate_size=spec["intermediate_size"],
-        num_hidden_layers=spec["num_layers"],
-        num_attention_heads=spec["num_heads"],
-        num_key_value_heads=spec["num_kv_heads"],
-        max_position_embeddings=spec["max_position_embeddings"],
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(spec["seed"])
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    build_model(tmp, {**BASE_SPEC, **MODEL_SPECS[name]})
     tmp.rename(out_dir)
     return out_dir
 

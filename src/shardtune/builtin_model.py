@@ -35,10 +35,11 @@ def build_tokenizer(vocab_size, seed):
 
 
 def build_model(out_dir, spec):
-    """Write tokenizer + randomly initialised Llama model to `out_dir`; `spec` is model.builtin."""
+    """Write tokenizer + randomly initialised Llama model to `out_dir`; `spec` is model.builtin
+    (an optional `config_vocab` gives an embedding table larger than the tokenizer)."""
     tokenizer = build_tokenizer(spec["vocab_size"], spec["seed"])
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), spec.get("config_vocab", 0)),
         hidden_size=spec["hidden_size"],
         intermediate_size=spec["intermediate_size"],
         num_hidden_layers=spec["num_layers"],
