@@ -9,9 +9,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from accelerate.utils import merge_fsdp_weights
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoTokenizer
 
 from .checkpoints import checkpoints, is_complete
@@ -80,10 +80,13 @@ def select_checkpoint(train_dir, last, choice):
 def adapter_state(checkpoint):
     """The adapter weights of a sharded checkpoint, with PEFT's key names (the checkpoint holds
     what PEFT's get_peft_model_state_dict returns: LoRA/DoRA weights, modules_to_save, and the
-    embedding matrices when the vocabulary was resized)."""
+    embedding matrices when the vocabulary was resized). Read in this process alone, so it also
+    works from a rank-0 callback (accelerate's merge_fsdp_weights waits for every rank)."""
     with tempfile.TemporaryDirectory() as tmp:
-        merge_fsdp_weights(str(Path(checkpoint) / "pytorch_model_fsdp_0"), tmp, safe_serialization=True)
-        state = load_file(str(Path(tmp) / "model.safetensors"))
+        dcp_to_torch_save(str(Path(checkpoint) / "pytorch_model_fsdp_0"), f"{tmp}/state.pt")
+        state = torch.load(f"{tmp}/state.pt", weights_only=True)
+    if len(state) == 1 and isinstance(next(iter(state.values())), dict):
+        state = next(iter(state.values()))
     # PEFT saves adapter weights without the adapter name ("default").
     return {key.replace(".default.", "."): tensor.contiguous() for key, tensor in state.items()}
 

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from . import model_card
 from .config import ConfigError
+from .convert import adapter_state
 from .errors import UserError
 from .io import read_json, write_json
 
@@ -492,22 +493,12 @@ def publish(
 
 
 def checkpoint_adapter(checkpoint, adapter_config, out_dir):
-    """A sharded FSDP checkpoint's LoRA weights as an adapter directory, on this process alone
-    (accelerate's merge_fsdp_weights waits for every rank, which would hang a rank-0 callback)."""
-    import torch
+    """A sharded FSDP checkpoint's adapter as a directory, read on this process alone."""
     from safetensors.torch import save_file
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(str(Path(checkpoint) / "pytorch_model_fsdp_0"), f"{tmp}/state.pt")
-        state = torch.load(f"{tmp}/state.pt", weights_only=True)
-    if len(state) == 1 and isinstance(next(iter(state.values())), dict):
-        state = next(iter(state.values()))
-    # The same key mapping as convert.adapter_state: PEFT saves without the adapter name.
-    state = {key.replace(".default.", "."): tensor.contiguous() for key, tensor in state.items()}
-    save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(adapter_state(checkpoint), str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     shutil.copy(adapter_config, out_dir / "adapter_config.json")
     trainer_state = Path(checkpoint) / "trainer_state.json"
     if trainer_state.is_file():
