@@ -1,7 +1,7 @@
 """shardtune's training entry point (`-m shardtune.train`) with the bench hooks: a step timer
 added to the trainer's callbacks and, on request, a proposed fix applied on top.
 
-    accelerate launch --config_file X.yaml bench/_ours.py --timer T.json [--fix per-row-attention] \
+    accelerate launch --config_file X.yaml bench/_ours.py --timer T.json [--fix flattened-batches] \
         -- <shardtune.train arguments>
 
 Everything else is shardtune.train.main unchanged.
@@ -25,55 +25,17 @@ def add_timer(path, reset_peak):
     train.SFTTrainer = TimedSFTTrainer
 
 
-class PackedRowsCollator:
-    """A batch of packed rows as [batch, longest row]: ids, labels and position ids that restart
-    at every packed sequence (the padding after a row is a sequence of its own), no mask."""
-
-    def __init__(self, pad_token_id):
-        self.pad = pad_token_id
-
-    def __call__(self, rows):
-        import torch
-
-        from shardtune.modeling import packed_position_ids
-
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        positions = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            ids[i, :n] = torch.as_tensor(row["input_ids"])
-            labels[i, :n] = torch.as_tensor(row["labels"])
-            positions[i, :n] = packed_position_ids(row["seq_lengths"])
-            positions[i, n:] = torch.arange(width - n)  # the padding is a sequence of its own
-        labels[positions == 0] = -100  # no loss across a boundary (as TRL's padding-free collator)
-        return {"input_ids": ids, "labels": labels, "position_ids": positions}
-
-
-def per_row_attention():
-    """Proposed fix: keep a batch of packed rows as [batch, max_seq_len] instead of flattening
-    it into one [1, batch * max_seq_len] sequence. Position ids still restart at every packed
-    conversation and no attention mask is passed, so sequences stay isolated (transformers
-    builds the block-diagonal mask per row), but attention costs batch * L^2 instead of
-    (batch * L)^2, and its mask and scores shrink by the same factor."""
+def flattened_batches():
+    """shardtune before per-row batches: a batch of packed rows flattened into one
+    [1, batch * max_seq_len] padding-free sequence (TRL's collator), on every attention
+    kernel, for comparison with today's [batch, max_seq_len] rows on sdpa/eager."""
     original = train.sft_config
 
-    def sft_config(settings, output_dir):
-        config = original(settings, output_dir)
-        config.packing = False  # rows are packed by the prepare step already
-        config.padding_free = False
-        return config
-
-    base = train.SFTTrainer
-
-    class RowsSFTTrainer(base):
-        def __init__(self, *args, processing_class=None, **kwargs):
-            collator = PackedRowsCollator(processing_class.pad_token_id)
-            super().__init__(*args, processing_class=processing_class, data_collator=collator, **kwargs)
+    def sft_config(settings, output_dir, attn="sdpa"):
+        return original(settings, output_dir, "flash_attention_2" if settings["data"]["packing"] else attn)
 
     train.sft_config = sft_config
-    train.SFTTrainer = RowsSFTTrainer
+    train.flattens_batches = lambda attn: True
 
 
 def malloc_trim():
@@ -150,7 +112,7 @@ def mmap_threshold_while_loading():
 
 
 FIXES = {
-    "per-row-attention": per_row_attention,
+    "flattened-batches": flattened_batches,
     "malloc-trim": malloc_trim,
     "mmap-threshold": mmap_threshold,
     "mmap-threshold-while-loading": mmap_threshold_while_loading,

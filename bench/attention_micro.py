@@ -4,7 +4,7 @@ training paths use for a batch of packed rows, interleaved and repeated (median 
 - flattened (what TRL's padding-free collator feeds both paths today): the batch is one
   sequence of batch x L tokens, with a block-diagonal causal mask built from position ids;
   computed with sdpa (ours) and with eager attention (the recipe without flash-attn);
-- per-row (the proposed fix): [batch, L] rows, a block-diagonal mask per row, sdpa and eager.
+- per-row (shardtune on sdpa and eager): [batch, L] rows, a block-diagonal mask per row, sdpa and eager.
 
 Each packed row holds conversations of --conv-len tokens. Shapes follow bench's small model
 (8 heads of 64, 4 KV heads) unless told otherwise.
@@ -71,7 +71,7 @@ def main(argv=None):
     cases = {
         "flattened sdpa (ours today)": case(sdpa, 1, args.batch * args.seq, *shape),
         "flattened eager (recipe)": case(eager, 1, args.batch * args.seq, *shape),
-        "per-row sdpa (proposed)": case(sdpa, args.batch, args.seq, *shape),
+        "per-row sdpa (shardtune)": case(sdpa, args.batch, args.seq, *shape),
         "per-row eager": case(eager, args.batch, args.seq, *shape),
     }
     times = {name: [] for name in cases}

@@ -1,6 +1,6 @@
 """Where the time of one training micro-step goes: torch.profiler over forward + backward of a
 bench model with LoRA (r 8, all-linear), on one thread, for a batch of packed rows laid out
-flattened (as both training paths do today) or per row (the proposed fix).
+flattened (as the reference, and shardtune before per-row batches) or per row (shardtune on sdpa/eager).
 
     python bench/profile_step.py                        # small model, 2 x 512 tokens, flattened
     python bench/profile_step.py --layout per-row

@@ -17,7 +17,7 @@ import benchlib as bl
 PATHS = {
     # name: (label, how to build the launch arguments)
     "ours": "shardtune (accelerate launch -m shardtune.train)",
-    "ours-per-row": "shardtune + proposed fix: per-row attention",
+    "ours-flattened": "shardtune with batches flattened padding-free (before per-row batches)",
     "ours-mmap-threshold": "shardtune + fixed glibc mmap threshold",
     "ours-mmap-threshold-while-loading": "shardtune + fixed mmap threshold while loading",
     "ours-mmap-threshold-4m": "shardtune + fixed 4 MiB mmap threshold",
@@ -51,7 +51,7 @@ def parse_args(argv=None):
 
 def launch_args(path, fx, settings_json, settings, run_dir, timer):
     if path.startswith("ours"):
-        fix = {"ours-per-row": "per-row-attention"}.get(path, path[len("ours-"):] if path != "ours" else None)
+        fix = {"ours-flattened": "flattened-batches"}.get(path, path[len("ours-"):] if path != "ours" else None)
         return bl.ours_args(settings_json, fx, run_dir, timer, fix=fix)
     attn = "sdpa" if path == "reference-sdpa" else None
     return bl.reference_args(fx, settings, run_dir, timer, attn=attn)

@@ -68,7 +68,7 @@ def test_the_reference_gets_the_recipes_flags_for_the_same_settings(tmp_path):
 
 def test_ours_arguments_reach_shardtune_train_unchanged(tmp_path):
     fx = {"prepared": tmp_path / "prepared", "model": tmp_path / "model"}
-    args = [str(a) for a in benchlib.ours_args(tmp_path / "s.json", fx, tmp_path / "run", tmp_path / "t.json", fix="per-row-attention")]
+    args = [str(a) for a in benchlib.ours_args(tmp_path / "s.json", fx, tmp_path / "run", tmp_path / "t.json", fix="flattened-batches")]
     assert Path(args[0]).name == "_ours.py"
     rest = args[args.index("--") + 1 :]
     assert rest[:2] == ["--settings", str(tmp_path / "s.json")]
@@ -128,32 +128,6 @@ def test_gpu_flops_per_token_counts_forward_and_input_gradient():
     flops = gpu_mfu.flops_per_token(shape, 512)
     assert flops > 4 * shape["linear_params"]
     assert flops < 6 * shape["params"] + 12 * shape["layers"] * shape["hidden"] * 512
-
-
-def test_the_per_row_fix_keeps_packed_sequences_apart():
-    """The proposed collator ([batch, L] rows, restarting position ids, no mask) must give the
-    second packed sequence the same logits as that sequence alone."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    import _ours
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(TINY).eval()
-    first, second = torch.randint(3, 500, (7,)), torch.randint(3, 500, (5,))
-    rows = [
-        {"input_ids": torch.cat([first, second]).tolist(), "labels": torch.cat([first, second]).tolist(), "seq_lengths": [7, 5]},
-        {"input_ids": second[:3].tolist(), "labels": second[:3].tolist(), "seq_lengths": [3]},
-    ]
-    collate = _ours.PackedRowsCollator(pad_token_id=0)
-    batch = collate(rows)
-    assert batch["input_ids"].shape == (2, 12) and "attention_mask" not in batch
-    assert batch["position_ids"][0].tolist() == [*range(7), *range(5)]
-    assert batch["labels"][0, 7] == -100 and (batch["labels"][1, 3:] == -100).all()
-    with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        alone = model(input_ids=second[None], use_cache=False).logits
-    assert torch.allclose(packed[0, 7:], alone[0], atol=1e-5)
 
 
 def test_every_variant_of_ours_names_a_known_fix(tmp_path):

@@ -35,6 +35,48 @@ def test_settings_map_to_trainer_and_lora_arguments(tmp_path):
     assert args.learning_rate == 3e-4 and args.gradient_accumulation_steps == 4
     assert args.gradient_checkpointing_kwargs == {"use_reentrant": True}
     assert args.warmup_steps == 0.1 and args.bf16 is True
-    assert args.padding_free and args.dataset_kwargs == {"skip_prepare_dataset": True}
+    assert args.dataset_kwargs == {"skip_prepare_dataset": True}
+    # packed rows are flattened padding-free only for the varlen flash kernel
+    assert not args.padding_free and not args.packing
+    assert sft_config(s, tmp_path, "flash_attention_2").padding_free
     lora = lora_config(s["lora"])
     assert (lora.r, lora.lora_alpha, lora.use_dora, lora.modules_to_save) == (16, 32, True, ["lm_head"])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_stay_rows_and_apart(attn):
+    """On sdpa/eager a batch of packed rows stays [batch, L]: each packed sequence gets the
+    logits it gets alone, and the loss equals that of TRL's flattened padding-free batch (same
+    tokens carry loss); a row whose positions do not restart leaks, so the check can fail."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from shardtune.collate import PackedRowsCollator
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attn_implementation=attn,
+    )
+    model = LlamaForCausalLM(config).eval()
+    first, second, third = (torch.randint(3, 500, (n,)) for n in (7, 5, 3))
+    rows = [
+        {"input_ids": torch.cat([first, second]).tolist(), "seq_lengths": [7, 5]},
+        {"input_ids": third.tolist(), "seq_lengths": [3]},
+    ]
+    for row in rows:
+        row["labels"] = list(row["input_ids"])
+    batch = PackedRowsCollator(pad_token_id=0)(rows)
+    assert batch["input_ids"].shape == (2, 12) and "attention_mask" not in batch
+    assert batch["position_ids"].tolist() == [[*range(7), *range(5)], [*range(3), *range(9)]]
+    assert (batch["labels"][:, 0] == -100).all() and batch["labels"][0, 7] == -100
+    assert (batch["labels"][1, 3:] == -100).all()
+    with torch.no_grad():
+        out = model(**batch, use_cache=False)
+        alone = model(input_ids=second[None], use_cache=False).logits
+        leaky = model(input_ids=batch["input_ids"][:1], use_cache=False).logits
+        flat = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+        flat_loss = model(**flat, use_cache=False).loss
+    assert torch.allclose(out.logits[0, 7:], alone[0], atol=1e-5)
+    assert not torch.allclose(leaky[0, 7:], alone[0], atol=1e-3)
+    assert torch.allclose(out.loss, flat_loss, atol=1e-5)

@@ -28,6 +28,7 @@ from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from .checkpoints import MarkCompleteCheckpoints, SaveAtEnd, latest_complete, remove_incomplete  # noqa: E402
+from .collate import PackedRowsCollator, flattens_batches  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .hub import every_save_callback  # noqa: E402
 from .io import read_json, write_json  # noqa: E402
@@ -62,8 +63,9 @@ def lora_config(lora):
     )
 
 
-def sft_config(settings, output_dir):
+def sft_config(settings, output_dir, attn="sdpa"):
     t, f, d = settings["training"], settings["fsdp"], settings["data"]
+    flatten = d["packing"] and flattens_batches(attn)
     return SFTConfig(
         output_dir=str(output_dir),
         seed=t["seed"],
@@ -93,11 +95,12 @@ def sft_config(settings, output_dir):
         dataloader_num_workers=t["dataloader_num_workers"],
         bf16=f["mixed_precision"] == "bf16" if t["bf16"] is None else t["bf16"],
         fp16=f["mixed_precision"] == "fp16" if t["fp16"] is None else t["fp16"],
-        # Rows are already tokenized and packed by the prepare step; the collator flattens a
-        # batch of packed rows into one padding-free sequence with restarting position ids.
+        # Rows are already tokenized and packed by the prepare step. For flash attention TRL's
+        # collator flattens a batch into one padding-free sequence; otherwise the trainer gets
+        # PackedRowsCollator (see collate.py).
         max_length=d["max_seq_len"],
-        packing=d["packing"],
-        padding_free=d["packing"],
+        packing=flatten,
+        padding_free=flatten,
         dataset_kwargs={"skip_prepare_dataset": True},
         include_num_input_tokens_seen="non_padding",
         report_to=["tensorboard"],
@@ -226,7 +229,7 @@ def main(argv=None):
     log(f"base model: {model.num_parameters()} parameters in {model.dtype}, 4-bit linear layers: {quantized}")
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
-    config = sft_config(settings, out)
+    config = sft_config(settings, out, attn)
     callbacks = [MarkCompleteCheckpoints(), SaveAtEnd(), CsvLog(out / "log.csv")]
     every_save = json.loads(args.hub)
     if every_save:  # hub.strategy: every_save; the Trainer's own push would upload sharded state
@@ -243,6 +246,7 @@ def main(argv=None):
         train_dataset=data["train"],
         eval_dataset=data["test"] if config.eval_strategy != "no" else None,
         processing_class=tokenizer,
+        data_collator=None if flattens_batches(attn) else PackedRowsCollator(tokenizer.pad_token_id),
         peft_config=lora_config(settings["lora"]),
         callbacks=callbacks,
     )
