@@ -1,10 +1,11 @@
 """Figure 2: throughput at the same memory budget.
 
-`pick_setting()` chooses the largest per-device batch size that fits a declared per-device
-budget by shardtune's pre-flight estimate (memory.estimate), turning on gradient checkpointing
-only when no batch size fits without it, and keeping the samples per optimizer step
-(per-device batch x gradient accumulation) of the run's settings, so both runs see the same
-tokens per optimizer step. It is meant to back `training.per_device_train_batch_size: auto`.
+`pick_setting()` is what `training.per_device_train_batch_size: auto` with
+`training.gradient_checkpointing: auto` chooses (shardtune.autobatch, resolved by the workflow's
+estimate_memory step): the largest per-device batch size that fits a per-device budget by
+shardtune's pre-flight estimate (memory.estimate), gradient checkpointing only when no batch
+size fits without it, and the rows per optimizer step (per-device batch x gradient
+accumulation) of the run's settings kept, so both runs see the same tokens per optimizer step.
 
 The benchmark runs the reference at the recipe's structure scaled down (batch 8 per device,
 gradient accumulation 4, gradient checkpointing, use_reentrant false) and shardtune at the
@@ -31,42 +32,29 @@ def with_training(settings, **training):
     return out
 
 
-def pick_setting(shape, settings, world_size, budget_gib, max_batch=None):
-    """The largest per-device batch size fitting `budget_gib` per device by the estimate.
-
-    Tries batch sizes that divide the run's samples per optimizer step (per_device_train_batch_size
-    x gradient_accumulation_steps, or up to `max_batch` when given) from the largest down,
-    first without gradient checkpointing, then with it. Returns a dict with
-    per_device_train_batch_size, gradient_accumulation_steps, gradient_checkpointing,
-    estimate_gib and budget_gib, or None when nothing fits (not even batch 1 with checkpointing).
-    """
-    from shardtune.memory import estimate
-
+def as_auto(settings):
+    """`settings` with the batch size and gradient checkpointing left to `auto`, keeping their
+    rows per optimizer step (per-device batch x gradient accumulation)."""
     t = settings["training"]
-    per_step = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"]
-    largest = max_batch or per_step
-    sizes = [b for b in range(largest, 0, -1) if max_batch or per_step % b == 0]
-    for checkpointing in (False, True):
-        for batch in sizes:
-            accumulation = max(1, per_step // batch)
-            trial = with_training(
-                settings,
-                per_device_train_batch_size=batch,
-                gradient_accumulation_steps=accumulation,
-                gradient_checkpointing=checkpointing,
-            )
-            if checkpointing is False:
-                trial["fsdp"] = {**trial["fsdp"], "activation_checkpointing": False}
-            gib = estimate(shape, trial, world_size)["device_gib"]
-            if gib <= budget_gib:
-                return {
-                    "per_device_train_batch_size": batch,
-                    "gradient_accumulation_steps": accumulation,
-                    "gradient_checkpointing": checkpointing,
-                    "estimate_gib": gib,
-                    "budget_gib": budget_gib,
-                }
-    return None
+    return with_training(
+        settings,
+        per_device_train_batch_size="auto",
+        gradient_checkpointing="auto",
+        per_device_effective_batch_size=t["per_device_train_batch_size"] * t["gradient_accumulation_steps"],
+    )
+
+
+def pick_setting(shape, settings, world_size, budget_gib):
+    """What `training.per_device_train_batch_size: auto` and `gradient_checkpointing: auto` pick
+    for `settings` at `budget_gib` per device: shardtune.autobatch.pick_setting on as_auto(settings).
+
+    Returns a dict with per_device_train_batch_size, gradient_accumulation_steps,
+    gradient_checkpointing, estimate_gib and budget_gib, or None when nothing fits (not even
+    batch 1 with checkpointing).
+    """
+    from shardtune import autobatch
+
+    return autobatch.pick_setting(shape, as_auto(settings), world_size, budget_gib)
 
 
 def parse_args(argv=None):

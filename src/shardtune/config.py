@@ -108,6 +108,19 @@ def check_combinations(s, prefix="run"):
         fail("fsdp.use_orig_params", "with LoRA under FSDP1 use_orig_params must be false to save memory")
     if f["cpu_ram_efficient_loading"] and not f["sync_module_states"] and f["version"] == 1:
         fail("fsdp.sync_module_states", "cpu_ram_efficient_loading under FSDP1 needs sync_module_states: true")
+    effective = t["per_device_effective_batch_size"]
+    if t["per_device_train_batch_size"] == "auto" and effective is None:
+        fail(
+            "training.per_device_effective_batch_size",
+            "per_device_train_batch_size: auto needs the rows per device per optimizer step to keep "
+            "(per_device_train_batch_size x gradient_accumulation_steps, e.g. 32)",
+        )
+    if t["per_device_train_batch_size"] != "auto" and effective not in (None, t["per_device_train_batch_size"] * t["gradient_accumulation_steps"]):
+        fail(
+            "training.per_device_effective_batch_size",
+            f"is {effective} but per_device_train_batch_size x gradient_accumulation_steps is "
+            f"{t['per_device_train_batch_size'] * t['gradient_accumulation_steps']}; set per_device_train_batch_size: auto or leave it out",
+        )
     if t["eval_strategy"] == "steps" and t["eval_steps"] is None:
         fail("training.eval_steps", "eval_strategy: steps needs eval_steps")
     if f["machine_rank"] >= f["num_machines"]:

@@ -144,17 +144,24 @@ def format_report(report):
     return "\n".join(lines)
 
 
-def preflight(model_dir, accelerate_yaml, settings, out_json, log=print):
-    """Estimate for the run's world size, check it against the declared memory, write it."""
+def preflight(model_dir, accelerate_yaml, settings, out_json, log=print, gpus_planned=0):
+    """Resolve `auto` batch settings (shardtune.autobatch), estimate for the run's world size,
+    check it against the declared memory (or the budget `auto` planned for), write it.
+    `gpus_planned`: GPUs per node the training job asks for (resources.fsdp_train)."""
     import yaml
 
+    from .autobatch import resolve, with_resolved
     from .io import write_json
     from .sources import model_path
 
     world_size = yaml.safe_load(open(accelerate_yaml))["num_processes"]
-    report = estimate(model_shape(model_path(model_dir), settings["lora"]), settings, world_size)
+    shape = model_shape(model_path(model_dir), settings["lora"])
+    resolved = resolve(shape, settings, world_size, gpus_planned, log=log)
+    report = estimate(shape, with_resolved(settings, resolved), world_size)
     log(format_report(report))
     m = settings["memory"]
-    report["declared"] = {**m, "forced_past": check_fits(report, m["device_gib"], m["cpu_gib"], m["force"])}
+    device_gib = resolved["budget_gib"] if resolved["auto"] else m["device_gib"]
+    report["declared"] = {**m, "forced_past": check_fits(report, device_gib, m["cpu_gib"], m["force"])}
+    report["resolved"] = resolved
     write_json(out_json, report)
     return report

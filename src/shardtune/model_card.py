@@ -7,6 +7,7 @@ handling) never appears in it.
 
 import yaml
 
+from .autobatch import with_resolved
 from .runinfo import versions as software_versions  # the card reports what the run record does
 
 
@@ -91,6 +92,7 @@ model = AutoModelForCausalLM.from_pretrained("{repo_id}", subfolder="merged")
 
 def _training(settings, done):
     d, lora, q, f, t = (settings[k] for k in ("data", "lora", "quantization", "fsdp", "training"))
+    auto = (done.get("resolved") or {}).get("auto") or []
     ds = settings.get("dataset")
     rows = []
     if ds:
@@ -125,8 +127,10 @@ def _training(settings, done):
         ("epochs / max steps", f"{t['num_train_epochs']} / {t['max_steps']}"),
         (
             "batch size per device × accumulation",
-            f"{t['per_device_train_batch_size']} × {t['gradient_accumulation_steps']}",
+            f"{t['per_device_train_batch_size']} × {t['gradient_accumulation_steps']}"
+            + (" (auto)" if "training.per_device_train_batch_size" in auto else ""),
         ),
+        ("gradient checkpointing", str(t["gradient_checkpointing"]) + (" (auto)" if "training.gradient_checkpointing" in auto else "")),
         (
             "weight decay / warmup ratio / max grad norm",
             f"{t['weight_decay']} / {t['warmup_ratio']} / {t['max_grad_norm']}",
@@ -179,6 +183,7 @@ def render(
 ):
     """The README.md text. `status` is a note on top (e.g. a checkpoint pushed while training)."""
     done = done or {}
+    settings = with_resolved(settings, done.get("resolved"))  # `auto` batch settings as training used them
     base = base_model_id(settings)
     front = yaml.safe_dump(metadata_of(settings), sort_keys=False, allow_unicode=True)
     method = "QLoRA" if settings["quantization"]["load_in_4bit"] else "LoRA"

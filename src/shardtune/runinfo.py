@@ -5,6 +5,7 @@ import importlib.metadata
 import platform
 from pathlib import Path
 
+from .autobatch import with_resolved
 from .io import read_json, write_json
 
 PACKAGES = (
@@ -42,10 +43,12 @@ def _optional(path):
 
 def write_run_info(run, settings, train_done, adapter_dir, model_dir, data_dir, out_path):
     stats = _optional(Path(data_dir) / "stats.json") or {}
+    training = read_json(train_done)
     info = {
         "run": run,
-        "settings": settings,
-        "training": read_json(train_done),
+        # `auto` batch settings replaced by the values training used (training["resolved"])
+        "settings": with_resolved(settings, training.get("resolved")),
+        "training": training,
         "conversion": _optional(Path(adapter_dir) / "conversion.json"),
         "base_model": _optional(Path(model_dir) / "source.json"),
         "data": {

@@ -27,6 +27,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
+from .autobatch import apply_resolved, describe  # noqa: E402
 from .checkpoints import MarkCompleteCheckpoints, SaveAtEnd, latest_complete, remove_incomplete  # noqa: E402
 from .collate import PackedRowsCollator, flattens_batches  # noqa: E402
 from .errors import UserError  # noqa: E402
@@ -188,10 +189,12 @@ def main(argv=None):
     parser.add_argument("--model", required=True, help="fetched model directory")
     parser.add_argument("--output", required=True, help="training directory (checkpoints)")
     parser.add_argument("--done", required=True, help="JSON written when training is complete")
-    parser.add_argument("--memory", help="pre-flight memory estimate (JSON) to print and check")
+    parser.add_argument("--memory", help="pre-flight memory estimate (JSON) to print and check; its resolved batch settings are used")
     parser.add_argument("--hub", default="null", help="hub settings for pushing checkpoints while training (JSON)")
     args = parser.parse_args(argv)
-    settings = read_json(args.settings)
+    report = read_json(args.memory) if args.memory else {}
+    # `auto` batch settings as estimate_memory resolved them; part of the fingerprint below
+    settings = apply_resolved(read_json(args.settings), report.get("resolved"))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -218,7 +221,8 @@ def main(argv=None):
     state.wait_for_everyone()
 
     if args.memory:
-        check_device_memory(read_json(args.memory), log)
+        check_device_memory(report, log)
+        log(f"training batch: {describe(report.get('resolved'))}")
 
     data = datasets.load_from_disk(str(Path(args.data) / "data"))
     tokenizer = AutoTokenizer.from_pretrained(Path(args.data) / "tokenizer")
@@ -293,6 +297,7 @@ def main(argv=None):
                 "peak_memory_gib_per_rank": peaks,
                 "versions": versions(),
                 "fingerprint": stamp,
+                "resolved": report.get("resolved"),  # the batch settings used, `auto` ones resolved
             },
         )
     state.wait_for_everyone()

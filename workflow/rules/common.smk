@@ -156,6 +156,14 @@ def job_resources(rule):
     return {key: resource(key) for key in stlaunch.job_resources(example, 1)}
 
 
+def planned_gpus(wildcards):
+    """GPUs per node the run's training job asks for (0: CPU ranks or a local run), so that
+    estimate_memory knows a GPU run it cannot see a GPU of (auto batch settings)."""
+    from shardtune import launch as stlaunch
+
+    return stlaunch.gpus_per_node(RUNS[wildcards.run]["resources"]["fsdp_train"])
+
+
 def every_save_settings(wildcards):
     """For fsdp_train (hub.strategy: every_save): the run's hub and dataset settings as JSON,
     else "null", so that other publishing settings leave the training command alone."""

@@ -1,5 +1,6 @@
 # Before a GPU-hour is spent: estimate per-device and CPU memory and refuse a run that
-# cannot fit the declared memory (unless memory.force).
+# cannot fit the declared memory (unless memory.force). Resolves the training settings that
+# are `auto` (batch size, gradient checkpointing) into memory.json, which training reads.
 rule estimate_memory:
     input:
         model=run_model,
@@ -14,5 +15,6 @@ rule estimate_memory:
         settings=settings_of(
             "model", "data", "lora", "quantization", "fsdp", "training", "memory"
         ),
+        gpus_planned=planned_gpus,
     script:
         "../scripts/estimate_memory.py"

@@ -4,4 +4,11 @@ with job(snakemake.log[0]) as log:
     from shardtune.memory import preflight
 
     i = snakemake.input
-    preflight(i.model, i.accelerate, snakemake.params.settings, snakemake.output[0], log=log)
+    preflight(
+        i.model,
+        i.accelerate,
+        snakemake.params.settings,
+        snakemake.output[0],
+        log=log,
+        gpus_planned=snakemake.params.gpus_planned,
+    )
