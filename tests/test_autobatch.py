@@ -251,3 +251,11 @@ def test_the_model_card_and_run_record_show_the_resolved_values(tmp_path):
     assert info["settings"]["training"]["per_device_train_batch_size"] == 2
     assert info["settings"]["training"]["gradient_accumulation_steps"] == 4
     assert info["training"]["resolved"]["auto"] == resolved["auto"]
+
+
+def test_a_gpu_run_is_estimated_for_the_gpus_its_training_job_asks_for(model_files, tmp_path):
+    model_dir, accelerate = model_files  # written where no GPU is visible: 2 ranks
+    s = auto(rows=8, device_gib=40)
+    report = preflight(model_dir, accelerate, s, tmp_path / "memory.json", log=lambda *a: None, gpus_planned=4)
+    assert report["world_size"] == 4
+    assert preflight(model_dir, accelerate, s, tmp_path / "memory.json", log=lambda *a: None)["world_size"] == WORLD

@@ -2,15 +2,18 @@
 runs with the resolved batch (2 optimizer steps of the built-in model on 2 CPU ranks), and a
 rerun has nothing to do."""
 
+import copy
 import json
 
 import pytest
 
 from conftest import copy_workflow, default_config, snakemake
+from shardtune.autobatch import with_resolved
+from shardtune.builtin_model import build_model
 from shardtune.checkpoints import checkpoints
+from shardtune.config import resolve_runs
+from shardtune.memory import estimate, model_shape
 
-# Estimates for the built-in model at max_seq_len 512 and 2 ranks: batch 8 ~1.17 GiB, batch 4
-# ~1.09 GiB (without gradient checkpointing); 1.13 GiB lets batch 4 x accumulation 2 fit.
 AUTO = {
     "training": {
         "per_device_train_batch_size": "auto",
@@ -21,14 +24,26 @@ AUTO = {
         "save_steps": 2,
         "eval_strategy": "no",
     },
-    "memory": {"device_gib": 1.13},
 }
 
 
 @pytest.fixture(scope="module")
 def auto_run(tmp_path_factory):
     config = default_config()
-    config["runs"] = {"auto": AUTO}
+    config["runs"] = {"auto": copy.deepcopy(AUTO)}
+    # a budget between the estimates of batch 4 and batch 8 (without checkpointing) for the
+    # built-in model on 2 ranks, so that auto must pick batch 4 x accumulation 2
+    settings = resolve_runs(config)["auto"]
+    model_dir = tmp_path_factory.mktemp("builtin-model")
+    build_model(model_dir, settings["model"]["builtin"])
+    shape = model_shape(str(model_dir), settings["lora"])
+    estimates = {
+        batch: estimate(shape, with_resolved(settings, {"per_device_train_batch_size": batch, "gradient_checkpointing": False}), 2)[
+            "device_gib"
+        ]
+        for batch in (4, 8)
+    }
+    config["runs"]["auto"]["memory"] = {"device_gib": round((estimates[4] + estimates[8]) / 2, 4)}
     workdir = copy_workflow(tmp_path_factory.mktemp("autobatch"), config)
     snakemake(workdir, "--cores", "2", "results/auto/train/done.json")
     return workdir

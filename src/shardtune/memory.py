@@ -155,6 +155,10 @@ def preflight(model_dir, accelerate_yaml, settings, out_json, log=print, gpus_pl
     from .sources import model_path
 
     world_size = yaml.safe_load(open(accelerate_yaml))["num_processes"]
+    if gpus_planned:  # the training job's GPUs, not those of the node that wrote accelerate.yaml
+        from .accelerate_config import resolve_num_processes
+
+        world_size = resolve_num_processes(settings["fsdp"], gpus_planned)
     shape = model_shape(model_path(model_dir), settings["lora"])
     resolved = resolve(shape, settings, world_size, gpus_planned, log=log)
     report = estimate(shape, with_resolved(settings, resolved), world_size)
