@@ -501,3 +501,82 @@ def test_template_errors_are_bad_rows(builtin_model, tmp_path):
     _, stats, _ = split_of(rows, data_cfg(chat_template_format=str(strict), on_bad_row="skip"), tokenizer)
     assert stats["dropped"] == {"chat template error": 1}
 
+
+
+def test_trl_bfd_packing_is_reproduced_exactly():
+    # The packed table is built with numpy; it must be the one TRL's pack_dataset makes,
+    # ties (many equal lengths) and exact fits included.
+    import pyarrow as pa
+    from trl.data_utils import pack_dataset
+
+    from shardtune.data import _packed_table
+
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        max_len = int(rng.integers(4, 300))
+        high = 8 if trial % 3 == 0 else max_len + 1
+        lengths = np.minimum(rng.integers(1, high, int(rng.integers(1, 1500))), max_len)
+        ids = rng.integers(0, 500, int(lengths.sum())).astype(np.int32)
+        labels = np.where(rng.random(len(ids)) < 0.5, ids, IGNORE_INDEX).astype(np.int32)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), type=pa.int32())
+        unpacked = datasets.Dataset(pa.table({
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids)),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
+        }))
+        ref = pack_dataset(unpacked, max_len, strategy="bfd", map_kwargs={"batch_size": len(unpacked), "keep_in_memory": True})
+        ours = datasets.Dataset(_packed_table(ids, labels, lengths, max_len))
+        assert ours.features == ref.features
+        assert ours.data.table.equals(ref.data.table), trial
+
+
+# --- worker processes ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_shares(monkeypatch):
+    """Worker processes even for a few dozen rows, several shares each."""
+    import shardtune.data as data
+
+    monkeypatch.setattr(data, "WORKER_MIN_ROWS", 10)
+    monkeypatch.setattr(data, "TASKS_PER_WORKER", 3)
+
+
+def with_bad_rows(rows, at):
+    rows = list(rows)
+    for position in at:
+        rows.insert(position, {"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]})
+    return rows
+
+
+@pytest.mark.parametrize("assistant_only", [True, False])
+@pytest.mark.parametrize("packing", [True, False])
+def test_workers_give_the_same_output_as_one_process(chatml_tokenizer, small_shares, assistant_only, packing):
+    rows = with_bad_rows(TRICKY + build_conversations(70, 3), at=[3, 41, 74])
+    cfg = data_cfg(assistant_only_loss=assistant_only, packing=packing, max_seq_len=256, on_bad_row="skip")
+    one, one_stats, one_lengths = split_of(rows, cfg, chatml_tokenizer, num_proc=1)
+    two, two_stats, two_lengths = split_of(rows, cfg, chatml_tokenizer, num_proc=2)
+    assert (one_stats["workers"], two_stats["workers"]) == (1, 2)
+    assert two.features == one.features and two.data.table.equals(one.data.table)
+    assert np.array_equal(two_lengths, one_lengths)
+    for stats in (one_stats, two_stats):
+        for key in ("seconds", "worker_seconds", "workers"):
+            del stats[key]
+    assert two_stats == one_stats and one_stats["dropped"] == {"unknown role": 3}
+
+
+def test_a_bad_row_in_a_later_share_names_its_row(chatml_tokenizer, small_shares):
+    rows = with_bad_rows(build_conversations(60, 4), at=[47, 55])  # shares of 10 rows: the 5th and 6th
+    with pytest.raises(DataError, match=r"^chats.jsonl, row 47: unknown role: messages\[0\] has role 'bot' .*\(1 more bad row in this split\)"):
+        split_of(rows, data_cfg(), chatml_tokenizer, num_proc=2)
+    # Rows keep their source numbers (here: after a shuffle) wherever a worker sees them.
+    ds = datasets.Dataset.from_list(rows).add_column(ROW_COLUMN, list(range(len(rows)))).shuffle(seed=1)
+    first = min(47, 55, key=ds[ROW_COLUMN].index)
+    with pytest.raises(DataError, match=rf"^chats.jsonl, row {first}: unknown role"):
+        prepare_split(ds, "train", data_cfg(), chatml_tokenizer, report=SplitReport("train", "chats.jsonl", {}), num_proc=2, **QUIET)
+
+
+def test_a_too_long_row_in_a_later_share_names_its_row(chatml_tokenizer, small_shares):
+    rows = [chat(f"What is {i} + 1?", str(i + 1)) for i in range(60)]
+    rows[38] = chat("word " * 200, "answer " * 100)
+    with pytest.raises(DataError, match=r"chats.jsonl, row 38: \d+ tokens exceed data.max_seq_len=128 \(0 more such rows\)"):
+        split_of(rows, data_cfg(max_seq_len=128, too_long="error"), chatml_tokenizer, num_proc=2)

@@ -1,31 +1,33 @@
 """Data preparation: check every row, render it with the chat template, tokenize in large
 batches with the fast tokenizer, mask non-assistant tokens, and pack with best-fit
-decreasing (TRL's `pack_dataset`), keeping sequence boundaries as `seq_lengths`.
+decreasing (the bins of TRL's `pack_dataset`), keeping sequence boundaries as `seq_lengths`.
 
-Two passes per split:
-1. render (datasets `map`, `num_proc` workers): convert the row's format to messages, check it,
-   render it with the Jinja template, and record the character spans of assistant output
-   ({% generation %} blocks) and, for a bad row, the reason;
-2. tokenize (main process): `encode_batch` of the fast tokenizer on large chunks (its Rust
-   threads use every core), assistant spans mapped to tokens with `char_to_token`, then
-   labels, truncation and EOS appends as numpy operations on flat arrays, and the result
-   straight into Arrow list arrays.
+Per split:
+1. render and tokenize, in `num_proc` forked worker processes over contiguous shares of the
+   rows (or in this process for a small split): convert each row's format to messages, check
+   it, render it with the Jinja template, recording the character spans of assistant output
+   ({% generation %} blocks) and, for a bad row, the reason; then `encode_batch` of the fast
+   tokenizer (one thread per worker; in this process its Rust threads use every core),
+   assistant spans mapped to tokens with `char_to_token`, and token ids and masks as numpy
+   arrays, sent back to this process in row order;
+2. in this process: labels, truncation and EOS appends as numpy operations on flat arrays,
+   then best-fit decreasing packing with numpy, straight into Arrow list arrays.
 """
 
 import itertools
 import json
+import multiprocessing
 import os
 import time
-from collections import Counter
+from bisect import bisect_left, insort
+from collections import Counter, defaultdict, deque
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
-from trl.data_utils import pack_dataset
 
 from .errors import UserError
 from .io import atomic_dir, read_json, write_json
@@ -43,6 +45,8 @@ FORMAT_FIELDS = {
 }
 RENDER_BATCH = 1000
 TOKENIZE_CHUNK = 1024  # rows per encode_batch call: enough for the Rust threads, bounded memory
+WORKER_MIN_ROWS = 1000  # a worker process for fewer rows than this is not worth its start
+TASKS_PER_WORKER = 4  # shares per worker: a worker slowed by other jobs holds the others up less
 
 
 class DataError(UserError):
@@ -303,6 +307,147 @@ def tokenize_rendered(texts, spans, tokenizer, *, add_special_tokens=False, prog
     return lengths, ids, mask
 
 
+# --- workers -------------------------------------------------------------------------------
+
+_JOB = None  # what the worker processes read: set before they are forked, inherited by them
+
+
+def _prepare_rows(ds, lo, hi, *, render, tokenizer, add_special_tokens, assistant_only, stop_on_bad, stop):
+    """Render, check and tokenize rows [lo, hi) of `ds` (a worker's share, or the whole split).
+
+    Returns a dict: `bad` [(position, source row, reason)], and for the good rows `rows` (source
+    row numbers), `lengths`, `ids`, `mask` (None without assistant-only loss), plus the seconds
+    spent rendering and tokenizing. Tokenizing is skipped (`ids` None) once a bad row is known
+    and on_bad_row is 'error': the split stops anyway, but every row is still checked so that
+    the message can count them."""
+    start = time.perf_counter()
+    texts, spans, rows, bad = [], [], [], []
+    for begin in range(lo, hi, RENDER_BATCH):
+        batch = ds[begin : min(begin + RENDER_BATCH, hi)]
+        out = _render_batch(batch, **render)
+        for i, (row, text, span, reason) in enumerate(zip(batch[ROW_COLUMN], out["text"], out["spans"], out["reason"])):
+            if reason:
+                bad.append((begin + i, row, reason))
+            else:
+                texts.append(text)
+                spans.append(span)
+                rows.append(row)
+    rendered = time.perf_counter()
+    result = {"bad": bad, "rows": np.array(rows, dtype=np.int64), "ids": None, "render_s": rendered - start, "tokenize_s": 0.0}
+    if stop_on_bad and bad and stop is not None:
+        stop.set()
+    if stop_on_bad and (bad or (stop is not None and stop.is_set())):
+        return result
+    del batch, out
+    lengths, ids, mask = tokenize_rendered(
+        texts, spans if assistant_only else None, tokenizer, add_special_tokens=add_special_tokens
+    )
+    result.update(lengths=lengths, ids=ids, mask=mask, tokenize_s=time.perf_counter() - rendered)
+    return result
+
+
+def _worker_start():
+    # The fast tokenizer runs on this worker's one thread; its Rust thread pool, if the parent
+    # started one, does not exist in a forked child (and would oversubscribe the cores).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _worker_task(bounds):
+    ds, kwargs = _JOB
+    return _prepare_rows(ds, *bounds, **kwargs)
+
+
+def _run_workers(ds, workers, kwargs, progress):
+    """Yield _prepare_rows results for contiguous shares of `ds`, in row order: the whole split
+    in this process when `workers` is 1, else TASKS_PER_WORKER shares per forked worker."""
+    n = len(ds)
+    if workers == 1:
+        result = _prepare_rows(ds, 0, n, **kwargs, stop=None)
+        progress.update(n)
+        yield result
+        return
+    global _JOB
+    edges = np.linspace(0, n, workers * TASKS_PER_WORKER + 1).astype(int).tolist()
+    tasks = [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+    context = multiprocessing.get_context("fork")  # the children inherit the data set and tokenizer
+    _JOB = (ds, {**kwargs, "stop": context.Event()})
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # while forking: no "just got forked" warning
+    try:
+        pool = context.Pool(workers, initializer=_worker_start)
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    try:
+        for (lo, hi), result in zip(tasks, pool.imap(_worker_task, tasks)):
+            progress.update(hi - lo)
+            yield result
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()
+        _JOB = None
+
+
+def _pack_bfd(lengths, max_len):
+    """Best-fit decreasing bins, the same as TRL's pack_dataset(strategy="bfd") makes (longest
+    first, ties in row order; each sequence goes to the bin with the least room that fits it,
+    the oldest such bin; else a new bin). Returns (sequence order, sequences per bin)."""
+    order = np.argsort(-lengths, kind="stable")
+    spaces = []  # sorted: the room left in some bin (0 < room < max_len)
+    bins_by_space = defaultdict(deque)
+    members = []
+    for index, length in zip(order.tolist(), lengths[order].tolist()):
+        k = bisect_left(spaces, length)
+        if k < len(spaces):
+            space = spaces[k]
+            waiting = bins_by_space[space]
+            b = waiting.popleft()
+            if not waiting:
+                del spaces[k]
+        else:
+            space, b = max_len, len(members)
+            members.append([])
+        members[b].append(index)
+        space -= length
+        if space > 0:
+            waiting = bins_by_space[space]
+            if not waiting:
+                insort(spaces, space)
+            waiting.append(b)
+    sequence_order = np.fromiter(itertools.chain.from_iterable(members), dtype=np.int64, count=len(lengths))
+    return sequence_order, np.fromiter(map(len, members), dtype=np.int64, count=len(members))
+
+
+def _packed_table(ids, labels, lengths, max_len):
+    """input_ids, labels and seq_lengths packed into rows of at most max_len tokens: the table
+    TRL's pack_dataset(..., strategy="bfd") returns for these sequences, built with numpy."""
+    keep = lengths > 0  # as TRL: empty sequences are dropped
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    lengths, starts = lengths[keep], starts[keep]
+    order, per_bin = _pack_bfd(lengths, max_len)
+    seq_lengths = lengths[order]
+    # Token positions in packed order: each sequence's start, repeated over its tokens, + 0, 1, ...
+    total = int(seq_lengths.sum())
+    new_starts = np.concatenate([[0], np.cumsum(seq_lengths)[:-1]])
+    where = np.repeat(starts[order] - new_starts, seq_lengths) + np.arange(total, dtype=np.int64)
+    bin_ends = np.cumsum(per_bin)
+    row_offsets = np.concatenate([[0], np.cumsum(seq_lengths)[bin_ends - 1]])
+    list_type = pa.ListArray if total < 2**31 else pa.LargeListArray
+    offsets = pa.array(row_offsets, type=pa.int32() if list_type is pa.ListArray else pa.int64())
+    bounds = pa.array(np.concatenate([[0], bin_ends]), type=pa.int32())
+    seq_type = pa.int32() if list_type is pa.ListArray else pa.int64()
+    return pa.table(
+        {
+            "input_ids": list_type.from_arrays(offsets, pa.array(ids[where])),
+            "labels": list_type.from_arrays(offsets, pa.array(labels[where])),
+            "seq_lengths": pa.ListArray.from_arrays(bounds, pa.array(seq_lengths, type=seq_type)),
+        }
+    )
+
+
 # --- per split -----------------------------------------------------------------------------
 
 
@@ -377,54 +522,45 @@ def prepare_split(ds, split, cfg, tokenizer, *, report, num_proc=1, log=print):
         )
     if ROW_COLUMN not in ds.column_names:
         ds = ds.add_column(ROW_COLUMN, list(range(len(ds))))
-    ds = ds.select_columns(list(dict.fromkeys([*fields.values(), ROW_COLUMN])))
+    ds = ds.select_columns(list(dict.fromkeys([*fields.values(), ROW_COLUMN]))).with_format(None)
 
     clock = _Clock()
-    workers = max(1, min(num_proc, len(ds) // (2 * RENDER_BATCH)))
-    rendered = ds.map(
-        _render_batch,
-        batched=True,
-        batch_size=RENDER_BATCH,
-        num_proc=workers if workers > 1 else None,
-        keep_in_memory=True,
-        fn_kwargs=dict(
+    workers = max(1, min(num_proc, len(ds) // WORKER_MIN_ROWS))
+    kwargs = dict(
+        render=dict(
             fmt=fmt,
             fields=fields,
             template=template,
             template_kwargs=dict(tokenizer.special_tokens_map),
             with_spans=assistant_only,
         ),
-        desc=f"render {split}",
+        tokenizer=tokenizer,
+        add_special_tokens=cfg["add_special_tokens"],
+        assistant_only=assistant_only,
+        stop_on_bad=cfg["on_bad_row"] == "error",
     )
-    table = rendered.with_format("arrow")[:]
-    reasons = table.column("reason")
-    rows = table.column(ROW_COLUMN).to_numpy()
-    bad = pc.not_equal(reasons, "").to_numpy()
-    dropped = Counter()
-    if bad.any():
-        bad_at = np.flatnonzero(bad)
-        if cfg["on_bad_row"] == "error":
-            first = int(bad_at[0])
-            raise _bad_row_error(report, int(rows[first]), reasons[first].as_py(), len(bad_at) - 1)
-        dropped.update(_kind(r) for r in pc.filter(reasons, pa.array(bad)).to_pylist())
-    clock.lap("render")
-    good = np.flatnonzero(~bad)
-    if len(good) == 0:
-        raise DataError(f"{where}: no usable conversation left in split '{split}' (dropped: {dict(dropped)})")
-    good_table = table.filter(pa.array(~bad)) if len(good) < len(bad) else table
-    rows = rows[good]
-
-    progress = datasets.utils.tqdm(total=len(good), desc=f"tokenize {split}", unit=" rows")
+    bad, parts, busy = [], [], Counter()
+    progress = datasets.utils.tqdm(total=len(ds), desc=f"render and tokenize {split}", unit=" rows")
     with progress:
-        lengths, ids, mask = tokenize_rendered(
-            good_table.column("text"),
-            good_table.column("spans") if assistant_only else None,
-            tokenizer,
-            add_special_tokens=cfg["add_special_tokens"],
-            progress=progress,
-        )
-    del good_table, table, rendered
-    clock.lap("tokenize")
+        for part in _run_workers(ds, workers, kwargs, progress):
+            bad += part["bad"]
+            busy["render"] += part["render_s"]
+            busy["tokenize"] += part["tokenize_s"]
+            parts.append(part)
+    dropped = Counter()
+    if bad:
+        if cfg["on_bad_row"] == "error":
+            _, row, reason = bad[0]
+            raise _bad_row_error(report, row, reason, len(bad) - 1)
+        dropped.update(_kind(reason) for _, _, reason in bad)
+    if len(bad) == len(ds):
+        raise DataError(f"{where}: no usable conversation left in split '{split}' (dropped: {dict(dropped)})")
+    rows = np.concatenate([p["rows"] for p in parts])
+    lengths = np.concatenate([p["lengths"] for p in parts])
+    ids = np.concatenate([p["ids"] for p in parts])
+    mask = np.concatenate([p["mask"] for p in parts]) if assistant_only else None
+    del parts
+    clock.lap("render_tokenize")
     # int32 halves memory and copying; readers get Python ints, the collator makes int64 tensors.
     labels = np.where(mask, ids, np.int32(IGNORE_INDEX)) if assistant_only else ids
 
@@ -475,25 +611,27 @@ def prepare_split(ds, split, cfg, tokenizer, *, report, num_proc=1, log=print):
     if len(lengths) == 0:
         raise DataError(f"{where}: no usable conversation left in split '{split}' (dropped: {dict(dropped)})")
 
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    list_type = pa.ListArray if offsets[-1] < 2**31 else pa.LargeListArray
-    offsets = pa.array(offsets, type=pa.int32() if list_type is pa.ListArray else pa.int64())
-    columns = {
-        "input_ids": list_type.from_arrays(offsets, pa.array(ids)),
-        "labels": list_type.from_arrays(offsets, pa.array(labels)),
-    }
     loss_tokens = int((labels != IGNORE_INDEX).sum()) if assistant_only else int(len(labels))
-    del ids, labels, mask
+    del mask
     clock.lap("labels")
     if packing:
-        unpacked = datasets.Dataset(pa.table(columns))
-        # One BFD pass over the whole split (not per map batch) for the best fill.
-        final = pack_dataset(unpacked, max_len, strategy="bfd", map_kwargs={"batch_size": len(unpacked), "keep_in_memory": True, "desc": f"pack {split}"})
+        # One BFD pass over the whole split for the best fill.
+        table = _packed_table(ids, labels, lengths, max_len)
     else:
-        columns["seq_lengths"] = pa.ListArray.from_arrays(
-            pa.array(np.arange(len(lengths) + 1), type=pa.int32()), pa.array(lengths, type=pa.int32())
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        list_type = pa.ListArray if offsets[-1] < 2**31 else pa.LargeListArray
+        offsets = pa.array(offsets, type=pa.int32() if list_type is pa.ListArray else pa.int64())
+        table = pa.table(
+            {
+                "input_ids": list_type.from_arrays(offsets, pa.array(ids)),
+                "labels": list_type.from_arrays(offsets, pa.array(labels)),
+                "seq_lengths": pa.ListArray.from_arrays(
+                    pa.array(np.arange(len(lengths) + 1), type=pa.int32()), pa.array(lengths, type=pa.int32())
+                ),
+            }
         )
-        final = datasets.Dataset(pa.table(columns))
+    del ids, labels
+    final = datasets.Dataset(table)
     clock.lap("pack")
     total = int(lengths.sum())
     edges = np.linspace(0, max_len, 17)
@@ -511,7 +649,9 @@ def prepare_split(ds, split, cfg, tokenizer, *, report, num_proc=1, log=print):
         "packing_efficiency": round(total / (len(final) * max_len), 6) if packing else None,
         "length": {"mean": round(float(lengths.mean()), 2), "median": float(np.median(lengths)), "max": int(lengths.max())},
         "length_histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
+        "workers": workers,
         "seconds": clock.laps,
+        "worker_seconds": {k: round(v, 3) for k, v in busy.items()},
     }
     log(
         f"[{split}] {stats['conversations_out']}/{len(ds)} conversations ({fmt}), {total} tokens, "
