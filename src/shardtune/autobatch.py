@@ -124,6 +124,8 @@ def resolve(shape, settings, world_size, gpus_planned=0, log=print, cuda=None):
     tried = []
     picked = pick_setting(shape, settings, world_size, budget, tried)
     log(f"{' and '.join(auto)}: auto, budget {budget:.2f} GiB per device ({source}), {rows_per_step(t)} rows per device per optimizer step")
+    if t["per_device_train_batch_size"] == AUTO and t["gradient_accumulation_steps"] != 1:
+        log(f"  gradient_accumulation_steps {t['gradient_accumulation_steps']} of the config is replaced by the one chosen below")
     for trial in tried:
         log(
             f"  batch {trial['per_device_train_batch_size']} x accumulation {trial['gradient_accumulation_steps']}, "
