@@ -54,6 +54,32 @@ def machine():
     return f"CPU ({cpu}, {os.cpu_count()} cores), torch {torch.__version__}, {platform.system()}"
 
 
+# Allocator variants of our path (bench paths "ours-<variant>"): training.allocator, and
+# settings on top of what shardtune.allocator gives the training processes.
+ALLOCATOR_VARIANTS = {
+    "glibc": ("system", {}),  # the C library's malloc (what ours ran with before training.allocator)
+    "jemalloc": ("jemalloc", {}),  # jemalloc with shardtune's settings (allocator.SETTINGS)
+    "jemalloc-defaults": ("jemalloc", {"MALLOC_CONF": ""}),  # jemalloc's own defaults
+    "jemalloc-nodecay": ("jemalloc", {"MALLOC_CONF": "background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0"}),
+    "tcmalloc": ("tcmalloc", {}),
+    "tcmalloc-aggressive": ("tcmalloc", {"TCMALLOC_AGGRESSIVE_DECOMMIT": "true"}),
+}
+
+
+def allocator_env(settings, variant=None):
+    """(allocator, environment) of the training processes as shardtune.launch sets them for
+    `settings` (training.allocator), or for an allocator variant of ALLOCATOR_VARIANTS."""
+    from shardtune.allocator import select
+
+    requested, extra = ALLOCATOR_VARIANTS[variant] if variant else (settings["training"].get("allocator", "auto"), {})
+    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    import torch
+
+    name, updates, _ = select(requested, clean, gpus=torch.cuda.device_count())
+    # an empty LD_PRELOAD overrides one inherited from the caller's environment
+    return name, {"LD_PRELOAD": "", **updates, **(extra if name != "system" else {})}
+
+
 def load_average():
     """The 1-minute load average (other users share the machine: report it with each figure)."""
     try:
@@ -96,6 +122,12 @@ def memory_now_gib():
     return out
 
 
+def loaded_allocator():
+    from shardtune.allocator import loaded
+
+    return loaded()
+
+
 def cpu_seconds():
     """User + system CPU time of this process so far (all its threads)."""
     import resource
@@ -132,6 +164,7 @@ def step_timer(path, reset_peak=False):
                 "world_size": args.world_size,
                 "threads": torch.get_num_threads(),
                 "peak_before_train_gib": peak_rss_gib(),
+                "allocator": loaded_allocator(),
                 "peak_reset": bool(reset_peak and reset_peak_rss()),
                 "cpu_s_at_train_begin": cpu_seconds(),
                 "steps": [],

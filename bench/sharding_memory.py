@@ -2,7 +2,10 @@
 whose weights dominate memory (LoRA on a ~0.75B-parameter fp32 base, short sequences, batch 1).
 
 Runs (2 CPU ranks each, same model, data, batch and LoRA):
-- ours: shardtune's training path, FSDP2 FULL_SHARD (the default);
+- ours: shardtune's training path, FSDP2 FULL_SHARD (the default), with the C allocator
+  shardtune.launch picks (training.allocator: auto = jemalloc on CPU ranks where installed);
+- ours-glibc, ours-jemalloc, ours-tcmalloc, ...: ours with that allocator (LD_PRELOAD) and
+  settings (benchlib.ALLOCATOR_VARIANTS); the glibc fixes below run on glibc;
 - ours-mmap-threshold: ours + a proposed fix, a fixed glibc mmap threshold so that the memory
   of the full weights, freed once FSDP has sharded them, goes back to the system;
 - ours-mmap-threshold-while-loading: the same while loading and wrapping, glibc's ceiling
@@ -35,7 +38,7 @@ from pathlib import Path
 
 import benchlib as bl
 
-PATHS = ["ours", "ours-mmap-threshold", "ours-mmap-threshold-while-loading", "ours-mmap-threshold-4m", "ours-malloc-trim", "ours-no-shard-setting", "reference-fsdp", "reference-ddp"]
+PATHS = ["ours", *(f"ours-{v}" for v in bl.ALLOCATOR_VARIANTS), "ours-mmap-threshold", "ours-mmap-threshold-while-loading", "ours-mmap-threshold-4m", "ours-malloc-trim", "ours-no-shard-setting", "reference-fsdp", "reference-ddp"]
 
 
 def parse_args(argv=None):
@@ -84,19 +87,29 @@ def main(argv=None):
         settings_json = run_dir / "train_settings.json"
         bl.write_json(settings_json, chosen)
         accelerate_yaml = bl.write_accelerate_yaml(chosen, run_dir / "accelerate.yaml")
+        env = None
         if path.startswith("ours"):
-            fix = path[len("ours-"):] if path.startswith("ours-") and path != "ours-no-shard-setting" else None
+            variant = path[len("ours-"):] if path.startswith("ours-") else None
+            fix = variant if variant not in bl.ALLOCATOR_VARIANTS and variant != "no-shard-setting" else None
+            # ours runs with the allocator shardtune.launch picks, unless the path names one
+            if fix:  # the glibc fixes run on glibc
+                variant = "glibc"
+            allocator, env = bl.allocator_env(chosen, variant if variant in bl.ALLOCATOR_VARIANTS else None)
             launch = bl.ours_args(settings_json, fx, run_dir, timer, fix=fix, reset_peak=True)
         else:
+            allocator, env = "system", {"LD_PRELOAD": ""}
             launch = bl.reference_args(fx, settings, run_dir, timer, reset_peak=True, ddp=path == "reference-ddp")
         load = bl.load_average()
         # the recipe's data-parallel run sometimes aborts while exiting, after training
         finished = bl.timer_files(timer, 2) if path == "reference-ddp" else ()
-        wall = bl.launch(accelerate_yaml, launch, run_dir / "log.txt", finished=finished)
+        wall = bl.launch(accelerate_yaml, launch, run_dir / "log.txt", finished=finished, env=env)
         bl.record_run(run_dir, settings_json, fx, path)
         records = bl.read_timer(timer, 2)
         row = {
             "path": path,
+            "allocator": allocator,
+            "allocator_loaded": sorted({r.get("allocator") for r in records}, key=str),
+            "malloc_env": {k: v for k, v in env.items() if v},
             "load_before": load,
             "wall_s": wall,
             "process_peak_gib": max(max(r["peak_before_train_gib"], r["peak_train_gib"]) for r in records),
@@ -108,7 +121,7 @@ def main(argv=None):
             "per_rank": [{k: r[k] for k in ("rank", "peak_before_train_gib", "peak_train_gib", "peak_reset")} for r in records],
         }
         rows.append(row)
-        print(f"{path:22s} process peak {row['process_peak_gib']:.2f} GiB/rank, training peak "
+        print(f"{path:22s} [{'/'.join(map(str, row['allocator_loaded']))}] process peak {row['process_peak_gib']:.2f} GiB/rank, training peak "
               f"{row['train_peak_gib'] or float('nan'):.2f} GiB/rank, wall {wall:.0f} s, load {load}", flush=True)
 
     base = next((r for r in rows if r["path"] == "reference-ddp"), None)

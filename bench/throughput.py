@@ -21,6 +21,7 @@ PATHS = {
     "ours-mmap-threshold": "shardtune + fixed glibc mmap threshold",
     "ours-mmap-threshold-while-loading": "shardtune + fixed mmap threshold while loading",
     "ours-mmap-threshold-4m": "shardtune + fixed 4 MiB mmap threshold",
+    **{f"ours-{v}": f"shardtune with allocator variant {v} (benchlib.ALLOCATOR_VARIANTS)" for v in bl.ALLOCATOR_VARIANTS},
     "reference": "recipe train.py (eager attention: no flash-attn without a GPU)",
     "reference-sdpa": "recipe train.py with sdpa attention (ours' kernel)",
 }
@@ -50,11 +51,18 @@ def parse_args(argv=None):
 
 
 def launch_args(path, fx, settings_json, settings, run_dir, timer):
+    """A run's launch arguments and (allocator, environment): ours with the allocator that
+    shardtune.launch picks, or the variant the path names; the glibc fixes and the recipe on
+    glibc."""
     if path.startswith("ours"):
-        fix = {"ours-flattened": "flattened-batches"}.get(path, path[len("ours-"):] if path != "ours" else None)
-        return bl.ours_args(settings_json, fx, run_dir, timer, fix=fix)
+        variant = path[len("ours-"):] if path != "ours" else None
+        if variant in bl.ALLOCATOR_VARIANTS:
+            return bl.ours_args(settings_json, fx, run_dir, timer), bl.allocator_env(settings, variant)
+        fix = {"ours-flattened": "flattened-batches"}.get(path, variant)
+        allocator = bl.allocator_env(settings, "glibc" if fix and fix.startswith("mmap") else None)
+        return bl.ours_args(settings_json, fx, run_dir, timer, fix=fix), allocator
     attn = "sdpa" if path == "reference-sdpa" else None
-    return bl.reference_args(fx, settings, run_dir, timer, attn=attn)
+    return bl.reference_args(fx, settings, run_dir, timer, attn=attn), ("system", {"LD_PRELOAD": ""})
 
 
 def main(argv=None):
@@ -77,15 +85,16 @@ def main(argv=None):
             shutil.rmtree(run_dir, ignore_errors=True)  # never resume an earlier run's checkpoint
             run_dir.mkdir(parents=True)
             load = bl.load_average()
-            wall = bl.launch(
-                accelerate_yaml, launch_args(path, fx, settings_json, settings, run_dir, timer), run_dir / "log.txt"
-            )
+            launch, (allocator, env) = launch_args(path, fx, settings_json, settings, run_dir, timer)
+            wall = bl.launch(accelerate_yaml, launch, run_dir / "log.txt", env=env)
             bl.record_run(run_dir, settings_json, fx, path)
             records = bl.read_timer(timer, 2)
             result = {"path": path, "round": round_, "load_before": load, "wall_s": wall, **bl.throughput(records, args.warmup)}
             result["threads"] = records[0]["threads"]
+            result["allocator"] = allocator
+            result["allocator_loaded"] = sorted({r.get("allocator") for r in records}, key=str)
             runs.append(result)
-            print(f"{path:15s} round {round_}: {result['tokens_per_s']:8.0f} tokens/s, "
+            print(f"{path:15s} round {round_} [{'/'.join(map(str, result['allocator_loaded']))}]: {result['tokens_per_s']:8.0f} tokens/s, "
                   f"{result.get('tokens_per_cpu_s', float('nan')):6.0f} tokens/CPU-s, "
                   f"{result['s_per_step']:.2f} s/step, wall {wall:.0f} s, load {load}", flush=True)
 

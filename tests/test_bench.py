@@ -130,20 +130,35 @@ def test_gpu_flops_per_token_counts_forward_and_input_gradient():
     assert flops < 6 * shape["params"] + 12 * shape["layers"] * shape["hidden"] * 512
 
 
-def test_every_variant_of_ours_names_a_known_fix(tmp_path):
+def test_every_variant_of_ours_names_a_known_fix_or_allocator(tmp_path):
     import _ours
     import sharding_memory
 
     fx = {"prepared": tmp_path, "model": tmp_path, "model_files": tmp_path, "recipe_data": tmp_path}
     settings = bench_settings(tmp_path)
     for path in throughput.PATHS:
-        args = [str(a) for a in throughput.launch_args(path, fx, tmp_path / "s.json", settings, tmp_path, tmp_path / "t.json")]
+        launch, (allocator, env) = throughput.launch_args(path, fx, tmp_path / "s.json", settings, tmp_path, tmp_path / "t.json")
+        args = [str(a) for a in launch]
         fixes = [args[i + 1] for i, a in enumerate(args) if a == "--fix"]
         assert all(f in _ours.FIXES for f in fixes), (path, fixes)
-        assert bool(fixes) == (path.startswith("ours-")), path
+        variant = path[len("ours-") :]
+        assert bool(fixes) == (path.startswith("ours-") and variant not in benchlib.ALLOCATOR_VARIANTS), path
+        if not path.startswith("ours") or variant.startswith("mmap"):  # the recipe and the glibc fixes: glibc
+            assert (allocator, env) == ("system", {"LD_PRELOAD": ""}), path
     for path in sharding_memory.PATHS:
         if path.startswith("ours-") and path != "ours-no-shard-setting":
-            assert path[len("ours-") :] in _ours.FIXES, path
+            assert path[len("ours-") :] in {**_ours.FIXES, **benchlib.ALLOCATOR_VARIANTS}, path
+
+
+def test_bench_runs_ours_with_the_allocator_the_launcher_picks(tmp_path, monkeypatch):
+    from shardtune import allocator
+
+    monkeypatch.setattr(allocator, "find_library", lambda name, env: f"/opt/lib{name}.so")
+    settings = bench_settings(tmp_path)
+    assert benchlib.allocator_env(settings)[0] == "jemalloc"  # auto, CPU ranks
+    assert benchlib.allocator_env(settings, "glibc") == ("system", {"LD_PRELOAD": ""})
+    name, env = benchlib.allocator_env(settings, "tcmalloc")
+    assert name == "tcmalloc" and env["LD_PRELOAD"] == "/opt/libtcmalloc.so"
 
 
 def test_the_no_sharding_baseline_asks_the_reference_for_plain_data_parallel(tmp_path):

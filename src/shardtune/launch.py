@@ -7,7 +7,8 @@ one task per node, and each task runs this module again with `--node-task`; it l
 Accelerate with its machine rank (SLURM_PROCID) and the allocation's first node as the main
 process. Either way, the run's Accelerate config is copied with the machine-dependent keys
 (num_processes, num_machines, machine_rank, main process, use_cpu) set from the allocation,
-and the copy is printed to the log: what each node saw and used is on record.
+and the copy is printed to the log: what each node saw and used is on record. The C allocator
+of the training processes (`training.allocator`, shardtune.allocator) is preloaded here too.
 
     python -m shardtune.launch --config-file results/RUN/accelerate.yaml --nodes 1 \\
         --gpus-per-node 8 --cpus-per-task 64 -- -m shardtune.train --settings FILE ...
@@ -28,6 +29,7 @@ import tempfile
 
 import yaml
 
+from . import allocator
 from .accelerate_config import resolve_num_processes
 from .errors import UserError
 
@@ -276,6 +278,10 @@ def main(argv=None, env=None):
     with os.fdopen(fd, "w") as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
     command = accelerate_command(path, args.script)
+    requested = args.settings.get("training", {}).get("allocator", "auto")
+    name, updates, why = allocator.select(requested, env, gpus=0 if config["use_cpu"] else cuda_gpus)
+    env.update(updates)  # os.environ in a real launch: accelerate and the ranks inherit it
+    log(f"allocator: {name} ({why})" + "".join(f"; {k}={v}" for k, v in updates.items()))
     log(
         f"machine {config['machine_rank']} of {config['num_machines']}, {config['num_processes']} processes in all,"
         f" use_cpu={config['use_cpu']}, main process {config.get('main_process_ip', 'localhost')}:"

@@ -27,6 +27,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
+from . import allocator  # noqa: E402
 from .autobatch import apply_resolved, describe  # noqa: E402
 from .checkpoints import MarkCompleteCheckpoints, SaveAtEnd, latest_complete, remove_incomplete  # noqa: E402
 from .collate import PackedRowsCollator, flattens_batches  # noqa: E402
@@ -150,6 +151,8 @@ class CsvLog(TrainerCallback):
 def fingerprint(settings, data_dir):
     """What a checkpoint depends on: resuming from one with another fingerprint is refused."""
     relevant = {k: settings[k] for k in ("model", "data", "lora", "quantization", "training")}
+    # the C allocator changes memory use, not what is computed
+    relevant["training"] = {k: v for k, v in settings["training"].items() if k != "allocator"}
     relevant["fsdp"] = {k: v for k, v in settings["fsdp"].items() if k not in ("machine_rank", "main_process_ip")}
     relevant["data_dir"] = Path(data_dir).name
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
@@ -228,6 +231,7 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(Path(args.data) / "tokenizer")
     attn, why = attention_implementation(settings["model"]["attn_implementation"])
     log(f"attention: {attn} ({why})")
+    log(f"allocator: {allocator.loaded()} (training.allocator: {settings['training'].get('allocator', 'auto')})")
     model = load_base_model(args.model, settings, len(tokenizer), attn=attn)
     quantized = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     log(f"base model: {model.num_parameters()} parameters in {model.dtype}, 4-bit linear layers: {quantized}")
@@ -291,6 +295,7 @@ def main(argv=None):
                 "fsdp_version": trainer.accelerator.state.fsdp_plugin.fsdp_version,
                 "mixed_precision": str(trainer.accelerator.mixed_precision),  # effective, not just the file's
                 "attn_implementation": attn,
+                "allocator": allocator.loaded(),
                 "train_loss": result.training_loss,
                 "metrics": result.metrics,
                 "resumed_from": resume.name if resume else None,
