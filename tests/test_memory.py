@@ -8,7 +8,20 @@ import yaml
 from transformers import LlamaConfig
 
 from shardtune.config import ConfigError, deep_merge, resolve_runs
-from shardtune.memory import check_fits, estimate, model_shape
+from shardtune.memory import (
+    ALLOCATOR_OVERHEAD,
+    CONTEXT_GIB,
+    CPU_ALLOCATOR_RETENTION,
+    CPU_RANK_LIBRARIES_GIB,
+    GIB,
+    _attention_scores,
+    _estimate,
+    _layer_saved_bytes_per_token,
+    _pow2ceil,
+    check_fits,
+    estimate,
+    model_shape,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA2_70B = LlamaConfig(
@@ -34,18 +47,166 @@ def test_llama2_70b_parameter_count_is_right():
 
 
 @pytest.mark.parametrize(
-    "name, overrides, world, low, high",
+    "name, overrides, world, what, low, high",
     [
         # guide: 72-80 GB per GPU for LoRA on 8x H100
-        ("llama2-70b-lora-fsdp", {}, 8, 72, 80),
+        ("llama2-70b-lora-fsdp", {}, 8, "device_gib", 72, 80),
+        # guide: ~107 GB of CPU RAM for QLoRA on 2 GPUs with CPU offload
+        ("llama2-70b-qlora-fsdp", {}, 2, "cpu_gib", 107, 107),
         # guide: 35.6 GB per GPU for QLoRA on 2 GPUs without CPU offload
-        ("llama2-70b-qlora-fsdp", {"fsdp": {"offload_params": False}}, 2, 35.6, 35.6),
+        ("llama2-70b-qlora-fsdp", {"fsdp": {"offload_params": False}}, 2, "device_gib", 35.6, 35.6),
+        # guide: 19.6 GB per GPU for QLoRA on 2 GPUs with CPU offload. The estimate is ~27% low;
+        # the gap is not explained (BENCHMARKS.md, "Memory estimator accuracy").
+        pytest.param(
+            "llama2-70b-qlora-fsdp", {}, 2, "device_gib", 19.6, 19.6,
+            marks=pytest.mark.xfail(strict=True, reason="unexplained gap with CPU offload, see BENCHMARKS.md"),
+        ),
     ],
 )
-def test_estimate_matches_the_guides_figures_within_15_percent(name, overrides, world, low, high):
+def test_estimate_matches_the_guides_figures_within_15_percent(name, overrides, world, what, low, high):
     settings = preset(name, **overrides)
     report = estimate(model_shape(LLAMA2_70B, settings["lora"]), settings, world)
-    assert low * 0.85 <= report["device_gib"] <= high * 1.15, report["device_breakdown_gib"]
+    assert low * 0.85 <= report[what] <= high * 1.15, (report[what], report["device_breakdown_gib"], report["cpu_breakdown_gib"])
+
+
+def test_base_weights_are_counted_in_the_dtype_they_load_in():
+    auto = preset("llama2-70b-lora-fsdp")  # model.dtype auto: float32 unless QLoRA
+    bf16 = preset("llama2-70b-lora-fsdp", model={"dtype": "bfloat16"})
+    shape = model_shape(LLAMA2_70B, auto["lora"])
+    fp32_shard = estimate(shape, auto, 8)["device_breakdown_gib"]["base_weights"]
+    assert fp32_shard == pytest.approx(shape["params"] * 4 / 8 / GIB)
+    assert estimate(shape, bf16, 8)["device_breakdown_gib"]["base_weights"] == pytest.approx(fp32_shard / 2)
+    # mixed precision gathers layers in bf16 whatever the stored dtype
+    gathered = estimate(shape, auto, 8)["device_breakdown_gib"]["gathered_layers"]
+    assert gathered == pytest.approx(estimate(shape, bf16, 8)["device_breakdown_gib"]["gathered_layers"], rel=0.15)
+
+
+def test_eager_attention_keeps_probabilities_per_row():
+    """rows x heads x L^2 (fp32 softmax output and its bf16 copy) in the recomputed layer; a
+    flattened batch would score (rows x L)^2 per head, rows times more."""
+    sdpa = preset("llama2-70b-lora-fsdp", model={"attn_implementation": "sdpa"})
+    eager = preset("llama2-70b-lora-fsdp", model={"attn_implementation": "eager"})
+    shape = model_shape(LLAMA2_70B, sdpa["lora"])
+    rows, length, heads = 8, 2048, 64
+    extra = _estimate(shape, eager, 8)["device_breakdown_gib"]["layer_working_set"]
+    extra -= _estimate(shape, sdpa, 8)["device_breakdown_gib"]["layer_working_set"]
+    scores = rows * heads * length**2
+    assert extra == pytest.approx(scores * (4 + 2 + 4) / GIB, rel=0.01)  # kept: fp32 + bf16; backward: fp32 grad
+    flat = _estimate(shape, eager, 8, flattened=True)["device_breakdown_gib"]["layer_working_set"]
+    flat -= _estimate(shape, sdpa, 8, flattened=True)["device_breakdown_gib"]["layer_working_set"]
+    assert flat == pytest.approx(rows * extra, rel=0.01)
+    # without checkpointing every layer keeps them
+    no_ckpt = preset("llama2-70b-lora-fsdp", model={"attn_implementation": "eager"}, training={"gradient_checkpointing": False})
+    no_ckpt_sdpa = preset("llama2-70b-lora-fsdp", model={"attn_implementation": "sdpa"}, training={"gradient_checkpointing": False})
+    kept = estimate(shape, no_ckpt, 8)["device_breakdown_gib"]["activations"] - estimate(shape, no_ckpt_sdpa, 8)["device_breakdown_gib"]["activations"]
+    # + the mask: eager's in bf16 against sdpa's bool and its bf16 conversion
+    assert kept == pytest.approx(80 * scores * 6 / GIB + rows * length**2 * (2 - 3) / GIB, rel=0.01)
+
+
+def tiny_lora_model(attn):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, attn_implementation=attn,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.use_cache = False
+    lora = {"r": 8, "target_modules": "all-linear"}
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear", task_type="CAUSAL_LM"))
+    return config, lora, peft
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_the_per_layer_activation_count_matches_what_autograd_keeps(attn, monkeypatch):
+    """Bytes saved for backward by one decoder layer of a LoRA model on CPU (float32, per-row
+    [batch, L] packed rows), counted with saved-tensor hooks, against the estimate's count."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config, lora, model = tiny_lora_model(attn)
+    model.train()
+    rows, length = 2, 512
+    ids = torch.randint(0, 128, (rows, length))
+    positions = torch.cat([torch.arange(length // 2), torch.arange(length - length // 2)]).repeat(rows, 1)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_by(layers):
+        seen = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        model.base_model.model.model.layers = full[:layers]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, position_ids=positions, labels=ids)
+        return sum(seen.values())
+
+    full = model.base_model.model.model.layers
+    measured = saved_by(2) - saved_by(1)
+    model.base_model.model.model.layers = full
+    settings = preset("llama2-70b-lora-fsdp", model={"attn_implementation": attn}, training={"bf16": False}, fsdp={"mixed_precision": "no"})
+    shape = model_shape(config, lora)
+    counted = length * rows * _layer_saved_bytes_per_token(shape, settings, 4, cuda=False)
+    counted += _attention_scores(shape, settings, 4, rows, length)[0]
+    # the count is deterministic for given library versions; leaving out eager's probabilities
+    # would put it 17% low
+    assert counted == pytest.approx(measured, rel=0.1), (counted, measured)
+
+
+def test_cpu_ranks_count_their_libraries_not_a_cuda_context(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    settings = preset("llama2-70b-lora-fsdp", model={"attn_implementation": "sdpa"})
+    shape = model_shape(LLAMA2_70B, settings["lora"])
+    report = estimate(shape, settings, 8)
+    assert not report["on_cuda"]
+    assert report["device_gib"] == pytest.approx(
+        report["device_allocated_gib"] * CPU_ALLOCATOR_RETENTION + CPU_RANK_LIBRARIES_GIB
+    )
+    flash = estimate(shape, preset("llama2-70b-lora-fsdp"), 8)  # flash attention: a GPU run
+    assert flash["on_cuda"]
+    assert flash["device_gib"] == pytest.approx(flash["device_allocated_gib"] * ALLOCATOR_OVERHEAD + CONTEXT_GIB)
+
+
+def test_offloaded_shards_and_their_gradient_shards_are_pinned_in_power_of_two_blocks():
+    settings = preset("llama2-70b-qlora-fsdp")
+    shape = model_shape(LLAMA2_70B, settings["lora"])
+    cpu = estimate(shape, settings, 2)["cpu_breakdown_gib"]
+    # a decoder layer packs 855.6M weights into 428 MB of bf16: 204 MiB per rank, pinned as 256 MiB;
+    # the root unit (embeddings, LM head, norm: 524M bf16 weights) 500 MiB per rank, pinned as 512
+    per_rank = 80 * 256 / 1024 + 512 / 1024 + shape["lora_params"] * 2 / 2 / GIB
+    assert cpu["offloaded"] == pytest.approx(2 * 2 * per_rank, rel=1e-6)  # 2 ranks x (shard + grad shard)
+    assert cpu["unpinned_shards"] == pytest.approx(2 * (80 * 204.0 + 500.0) / 1024, rel=0.01)
+    assert _pow2ceil(3) == 4 and _pow2ceil(4) == 4 and _pow2ceil(2**20 + 1) == 2**21
+
+
+def test_qlora_quantization_constants_stay_on_the_gpu_with_offload():
+    on = preset("llama2-70b-qlora-fsdp")
+    off = preset("llama2-70b-qlora-fsdp", fsdp={"offload_params": False})
+    shape = model_shape(LLAMA2_70B, on["lora"])
+    with_offload, without = estimate(shape, on, 2), estimate(shape, off, 2)
+    constants = shape["linear_params"] * (1 / 64 + 4 / (64 * 256)) / GIB  # nested quantization
+    assert with_offload["device_breakdown_gib"]["quant_state"] == pytest.approx(constants)
+    assert without["device_breakdown_gib"]["quant_state"] == pytest.approx(constants)
+    # the 4-bit weights load whole onto each GPU before FSDP shards them
+    assert with_offload["device_load_gib"] > with_offload["device_gib"]
+
+
+def test_the_peak_counts_the_larger_of_the_layer_and_loss_working_sets():
+    settings = preset("llama2-70b-lora-fsdp")
+    report = estimate(model_shape(LLAMA2_70B, settings["lora"]), settings, 8)
+    b = report["device_breakdown_gib"]
+    assert report["device_peak_phase"] == "layer_working_set"
+    static = sum(v for k, v in b.items() if k not in ("layer_working_set", "logits"))
+    assert report["device_allocated_gib"] == pytest.approx(static + max(b["layer_working_set"], b["logits"]))
 
 
 def test_offload_moves_weights_and_optimizer_state_to_cpu():
@@ -73,4 +234,4 @@ def test_a_run_that_cannot_fit_is_refused_unless_forced():
     with pytest.raises(ConfigError, match="memory.force"):
         check_fits(report, device_gib=40, cpu_gib=None, force=False)
     assert check_fits(report, device_gib=40, cpu_gib=None, force=True)
-    assert check_fits(report, device_gib=80, cpu_gib=None, force=False) == []
+    assert check_fits(report, device_gib=report["device_gib"] + 1, cpu_gib=None, force=False) == []

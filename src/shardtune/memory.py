@@ -1,13 +1,31 @@
 """Pre-flight memory estimate of a run: per-device and CPU memory, before a GPU-hour is spent.
 
 Counts come from the real model built on the meta device (no weights are read), so every
-architecture transformers knows is covered. The byte accounting follows what FSDP does:
-FULL_SHARD keeps 1/W of the base weights and of the LoRA weights, grads and Adam states per
-rank, gathers one decoder layer at a time (two with prefetch), and CPU offload moves the
-shards to host memory. Activations follow the usual transformer accounting (Korthikanti et
-al., 2022) with gradient checkpointing keeping one hidden state per layer. The caching
-allocator's overhead is a fixed factor calibrated on the source guide's 70B figures; see
-BENCHMARKS.md for how close the estimate comes.
+architecture transformers knows is covered. Each term below models a mechanism of the stack
+shardtune trains with (torch FSDP, Accelerate, transformers, PEFT, TRL, bitsandbytes); where a
+term depends on a library's behaviour, its comment says which. In short:
+
+- weights: FSDP keeps 1/W of the base weights in the dtype they load in (float32 unless QLoRA
+  or model.dtype says otherwise), gathers one decoder layer at a time in the compute dtype (two
+  with prefetch), and keeps the root unit (embeddings, final norm, LM head) gathered from forward
+  to backward; QLoRA's quantization constants stay whole on every GPU, and each 4-bit matmul
+  dequantizes its weight to the compute dtype for the duration of the product;
+- LoRA weights, gradients and Adam moments: 1/W each, in the adapters' dtype;
+- activations: what autograd keeps per decoder layer, counted tensor by tensor (RMSNorm's fp32
+  input, the attention kernel's q/k/v/output, the MLP's gate/up/SiLU outputs, each LoRA target's
+  dropout copy and mask), plus eager attention's probabilities (rows x heads x L^2: sdpa and
+  eager batches are [batch, L] rows, flash-attention batches one flattened sequence);
+  with gradient checkpointing one hidden state per layer plus the layer being recomputed;
+  the peak adds the larger of one layer's backward working set and the loss (TRL's fused LM
+  head, which never materializes the full logits);
+- CPU offload: every FSDP unit's shard and its pre-allocated gradient shard live in pinned host
+  memory, each block rounded up to a power of two by the CUDA host allocator; the first step
+  also holds the unpinned shards those were copied from.
+
+The allocated total is scaled by the caching allocator's reserve (GPU) or the C allocator's
+retention of freed memory (CPU ranks), and the CUDA context or a CPU rank's libraries are added.
+BENCHMARKS.md ("Memory estimator accuracy") compares the estimate with the source guide's
+figures and with measured CPU runs.
 """
 
 
@@ -17,8 +35,19 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 GIB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}
-ALLOCATOR_OVERHEAD = 1.2  # reserved / allocated of PyTorch's caching allocator under FSDP
-CONTEXT_GIB = 1.0  # CUDA context, NCCL buffers, kernels
+# PyTorch's CUDA caching allocator: reserved / allocated under FSDP's per-layer gather and free
+# (blocks cached per stream, rounded to 2 MiB, fragmented by activations of other sizes). A
+# judgement within the 1.1-1.3 commonly reported, not a fit: see BENCHMARKS.md.
+ALLOCATOR_OVERHEAD = 1.2
+CONTEXT_GIB = 1.0  # CUDA context, NCCL buffers, cuBLAS workspace, kernels: on each GPU
+# A CPU rank: peak RSS with glibc's default heap / peak RSS with a 128 KiB mmap threshold (every
+# large block returned when freed, so RSS follows live memory), same run, same settings:
+# 1.55-1.60 against 1.17 GiB per rank less 0.55 GiB of libraries (BENCHMARKS.md, figure 1 and
+# "Memory estimator accuracy"). glibc keeps the memory FSDP's per-layer gathers free.
+CPU_ALLOCATOR_RETENTION = 1.65
+CPU_RANK_LIBRARIES_GIB = 0.55  # interpreter, torch, transformers, datasets of one CPU rank (measured)
+GPU_RANK_HOST_GIB = 2.0  # host memory of one GPU rank: CUDA runtime, cuBLAS/cuDNN/NCCL, interpreter
+TILE_TOKENS, TILE_VOCAB = 4096, 32768  # TRL's fused LM head: logits tile of tokens x vocabulary
 
 
 def _is_target(name, module, lora):
@@ -45,75 +74,236 @@ def model_shape(model_dir_or_config, lora):
             linear += module.weight.numel()
         if _is_target(name, module, lora):
             lora_params += lora["r"] * (module.in_features + module.out_features)
+    layer_linears = [m for m in layers[0].modules() if isinstance(m, torch.nn.Linear)]
+    # inputs of the LoRA targets of one layer: each target drops out its own copy of its input
+    lora_inputs = sum(m.in_features for n, m in layers[0].named_modules() if _is_target(n, m, lora))
     text = getattr(config, "text_config", config)
+    heads = getattr(text, "num_attention_heads", None) or max(1, text.hidden_size // 64)
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "linear_params": linear,  # what 4-bit quantization packs
         "layer_params": sum(p.numel() for p in layers[0].parameters()),
+        "layer_linear_params": sum(m.weight.numel() for m in layer_linears),
+        "layer_largest_linear": max((m.weight.numel() for m in layer_linears), default=0),
+        "layer_lora_inputs": lora_inputs,
         "lora_params": lora_params,
         "layers": len(layers),
         "hidden": text.hidden_size,
         "intermediate": getattr(text, "intermediate_size", 4 * text.hidden_size),
+        "heads": heads,
+        "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
         "vocab": text.vocab_size,
+    }
+
+
+def _trains_on_cuda(settings):
+    """Whether the ranks will train on GPUs: flash attention needs one, the training job asks
+    for GPUs, or (a local run) this machine has one, as train.py decides."""
+    if settings["model"]["attn_implementation"] == "flash_attention_2":
+        return True
+    job = (settings.get("resources") or {}).get("fsdp_train")
+    if job:
+        from .launch import gpus_per_node
+
+        try:
+            if gpus_per_node(job):
+                return True
+        except (KeyError, TypeError):
+            pass
+    return torch.cuda.is_available()
+
+
+def _pow2ceil(n):
+    return 1 << max(0, int(n - 1).bit_length()) if n > 0 else 0
+
+
+def _layer_saved_bytes_per_token(shape, settings, act, cuda):
+    """Bytes autograd keeps per token for the backward of one decoder layer (Llama-like)."""
+    h, inter = shape["hidden"], shape["intermediate"]
+    heads = shape.get("heads") or max(1, h // 64)
+    kv_dim = (shape.get("kv_heads") or heads) * (h // heads)
+    attn = settings["model"]["attn_implementation"]
+    # RMSNorm (two per layer) computes in fp32 and keeps its fp32 input for the variance's backward
+    norms = 2 * h * 4
+    # the attention kernel keeps q, k, v and its output; flash keeps k and v at the KV heads,
+    # sdpa and eager get them repeated to every head (transformers' repeat_kv)
+    kv = kv_dim if attn == "flash_attention_2" else h
+    attention = (2 * h + 2 * kv) * act
+    # MLP: SiLU keeps the gate projection; the product keeps SiLU's output and the up projection
+    mlp = 3 * inter * act
+    # LoRA: a frozen base linear keeps nothing (its weight needs no gradient), but lora_A keeps its
+    # input: with dropout each target's own dropped-out copy plus the mask (bool in CUDA's
+    # native_dropout, a float tensor the input's size on CPU); without dropout the shared inputs
+    lora_inputs = shape.get("layer_lora_inputs", 6 * h + inter)
+    if settings["lora"].get("dropout", 0.1) > 0:
+        lora = lora_inputs * (act + (1 if cuda else act))
+    else:
+        lora = min(lora_inputs, 3 * h + inter) * act
+    return norms + attention + mlp + lora
+
+
+def _attention_scores(shape, settings, act, rows, row_len):
+    """(bytes kept per layer, bytes of one transient copy) of eager attention's probabilities:
+    softmax runs in fp32 and keeps its output for backward; in a 16-bit compute dtype the cast
+    copy that multiplies V is kept too. sdpa and flash attention keep none."""
+    if settings["model"]["attn_implementation"] != "eager":
+        return 0, 0
+    heads = shape.get("heads") or max(1, shape["hidden"] // 64)
+    scores = rows * heads * row_len**2
+    return scores * (4 + (act if act < 4 else 0)), scores * 4
+
+
+def _estimate(shape, settings, world_size, flattened=None):
+    """estimate(); `flattened` overrides the batch layout for sdpa/eager (True: one padding-free
+    sequence of batch x L tokens, as TRL's padding-free collator makes; the reference recipe)."""
+    q, f, t, d = settings["quantization"], settings["fsdp"], settings["training"], settings["data"]
+    cuda = _trains_on_cuda(settings)
+    mixed = f["mixed_precision"] if t["bf16"] is None else ("bf16" if t["bf16"] else f["mixed_precision"])
+    if mixed in ("bf16", "fp16"):
+        act = 2  # autocast's dtype
+    elif q["load_in_4bit"]:
+        act = BYTES[q["bnb_4bit_compute_dtype"]]  # bitsandbytes computes in it
+    else:
+        act = 4
+    # the dtype the weights load in (modeling.load_dtype): model.dtype, else the quant storage
+    # dtype for QLoRA, else float32
+    if settings["model"]["dtype"] != "auto":
+        load = BYTES[settings["model"]["dtype"]]
+    elif q["load_in_4bit"]:
+        load = BYTES[q["bnb_4bit_quant_storage_dtype"]]
+    else:
+        load = 4
+    # FSDP's MixedPrecision param_dtype; for QLoRA transformers sets it to the quant storage dtype
+    gather = act if mixed in ("bf16", "fp16") and not q["load_in_4bit"] else load
+    shard = 1 if f["sharding_strategy"] == "NO_SHARD" else world_size
+    layers, h, inter = shape["layers"], shape["hidden"], shape["intermediate"]
+    layer_linear = shape.get("layer_linear_params", shape["layer_params"])
+    root_params = shape["params"] - layers * shape["layer_params"]  # embeddings, final norm, LM head
+
+    if q["load_in_4bit"]:
+        # nf4 packs 2 weights a byte into the storage dtype (what FSDP flattens and shards); the
+        # quantization constants (absmax per 64 weights: fp32, or 8-bit plus fp32 per 256 blocks
+        # nested) live in the module's quant_state, outside FSDP: whole on every GPU, also with
+        # offload. The LM head and embeddings are not quantized.
+        constants = 1 / 64 + 4 / (64 * 256) if q["use_nested_quant"] else 4 / 64
+        quant_state = shape["linear_params"] * constants
+        layer_bytes = layer_linear * 0.5 + (shape["layer_params"] - layer_linear) * load
+        gathered_layer = layer_bytes  # packed weights are gathered packed
+        # each 4-bit matmul dequantizes its weight to the compute dtype, forward and backward
+        dequantized = shape.get("layer_largest_linear", 0) * act
+        lora_bytes = 2  # TRL casts the adapters of a quantized model to bf16
+    else:
+        quant_state = dequantized = 0
+        layer_bytes = shape["layer_params"] * load
+        gathered_layer = shape["layer_params"] * gather
+        lora_bytes = 4  # PEFT keeps adapter weights in float32 (autocast_adapter_dtype)
+    root_bytes = root_params * load
+    base = layers * layer_bytes + root_bytes
+    # weights and gradients of the adapters, and Adam's two moments (torch AdamW: the param dtype)
+    lora_states = shape["lora_params"] * 4 * lora_bytes
+    # the device copy of a unit's shard that is all-gathered (the low-precision shard of FSDP's
+    # mixed precision, or the copy brought from host memory with offload), freed once gathered
+    shard_copy = layer_bytes / shard * gather / load if (f["offload_params"] or gather != load) else 0
+
+    rows, row_len = t["per_device_train_batch_size"], d["max_seq_len"]
+    tokens = rows * row_len
+    if flattened is None:
+        flattened = settings["model"]["attn_implementation"] == "flash_attention_2"  # collate.flattens_batches
+    # sdpa/eager rows are [batch, L] (collate.PackedRowsCollator): L^2 per row and head; flattened,
+    # they would be (batch x L)^2 per head
+    score_rows, score_len = (1, tokens) if flattened else (rows, row_len)
+    probs, probs_transient = _attention_scores(shape, settings, act, score_rows, score_len)
+    layer_saved = tokens * _layer_saved_bytes_per_token(shape, settings, act, cuda) + probs
+    # backward of one layer: gradients of the MLP's gate, up and product (the largest tensors),
+    # and eager attention's gradient through softmax
+    backward = tokens * 3 * inter * act + probs_transient
+    # the block-diagonal causal mask transformers builds from the restarting position ids, shared
+    # by all layers: additive in the compute dtype for eager; bool for sdpa, which torch turns into
+    # an additive one in the query's dtype; flash needs none
+    attn = settings["model"]["attn_implementation"]
+    mask = 0 if attn == "flash_attention_2" else score_rows * score_len**2 * (act if attn == "eager" else 1 + act)
+    if t["gradient_checkpointing"] or f["activation_checkpointing"]:
+        kept = layers * tokens * h * act  # each layer's input; the layer is recomputed in backward
+        layer_phase = layer_saved + backward
+    else:
+        kept = layers * layer_saved
+        layer_phase = backward
+    # TRL's fused LM head: the final hidden state is kept, its fp32 gradient accumulated, and the
+    # logits exist one tile at a time (on CPU the tile is also transformed in fp32)
+    tile = min(tokens, TILE_TOKENS) * min(shape["vocab"], TILE_VOCAB) * (act + (4 if cuda else 8))
+    loss_phase = tokens * h * (act + 4) + tile
+
+    device = {
+        "base_weights": 0 if f["offload_params"] else base / shard,
+        "quant_state": quant_state,
+        "gathered_layers": 2 * gathered_layer + shard_copy,  # the unit in use and the one prefetched
+        # FSDP does not reshard the root unit after forward: it stays gathered until backward ends
+        "root_params": root_params * gather,
+        "dequantized_weight": dequantized,
+        "lora_states": 0 if f["offload_params"] else lora_states / shard,
+        "activations": kept + mask,  # kept across the whole forward and backward
+        "layer_working_set": layer_phase,
+        "logits": loss_phase,
+    }
+    peak_phase = "layer_working_set" if layer_phase >= loss_phase else "logits"
+    allocated = sum(v for k, v in device.items() if k not in ("layer_working_set", "logits")) + device[peak_phase]
+    if cuda:
+        device_total = allocated * ALLOCATOR_OVERHEAD + CONTEXT_GIB * GIB
+    else:
+        device_total = allocated * CPU_ALLOCATOR_RETENTION + CPU_RANK_LIBRARIES_GIB * GIB
+    # QLoRA while loading (transformers 5): without a device_map the bitsandbytes quantizer puts
+    # the whole quantized model on each rank's GPU before FSDP shards it
+    load_device = (base + quant_state) * ALLOCATOR_OVERHEAD + CONTEXT_GIB * GIB if q["load_in_4bit"] and cuda else 0
+
+    per_machine = max(1, world_size // f["num_machines"])
+    offloaded = unpinned = optimizer = 0
+    if f["offload_params"]:
+        # per rank: one flat parameter per decoder layer, the root unit, and (PEFT's wrap policy)
+        # one per LoRA A/B module
+        units = [layer_bytes / shard] * layers + [root_bytes / shard]
+        exact = sum(units) + shape["lora_params"] * lora_bytes / shard
+        # FSDP pins each shard and pre-allocates a pinned gradient shard (_cpu_grad) for every
+        # unit, frozen ones included; the CUDA host allocator rounds each block to a power of two
+        pinned = sum(_pow2ceil(u) for u in units) if cuda else sum(units)
+        pinned += shape["lora_params"] * lora_bytes / shard
+        offloaded = per_machine * 2 * pinned
+        # the unpinned shards FSDP moved to CPU at wrap time stay referenced until each unit's
+        # first unshard in the first forward
+        unpinned = per_machine * exact
+        optimizer = per_machine * shape["lora_params"] * 2 * lora_bytes / shard  # Adam moments, on CPU
+    if q["load_in_4bit"] and cuda:
+        loading = 0  # quantized on each GPU while loading (see load_device)
+    else:
+        # with cpu_ram_efficient_loading only rank 0 reads the weights (the others start on the
+        # meta device and receive them from FSDP's sync_module_states); otherwise every rank does
+        loading = base * (1 if f["cpu_ram_efficient_loading"] else per_machine)
+    cpu = {
+        "offloaded": offloaded,
+        "unpinned_shards": unpinned,  # first step only
+        "optimizer": optimizer,
+        "loading": loading,  # before FSDP wraps the model
+        "processes": per_machine * (GPU_RANK_HOST_GIB if cuda else CPU_RANK_LIBRARIES_GIB) * GIB,
+    }
+    phases = {"loading": loading, "first_step": offloaded + unpinned, "training": offloaded + optimizer}
+    cpu_phase = max(phases, key=phases.get)
+    return {
+        "world_size": world_size,
+        "device_gib": device_total / GIB,
+        "device_breakdown_gib": {k: v / GIB for k, v in device.items()},
+        "device_allocated_gib": allocated / GIB,  # before the allocator's overhead and the context
+        "device_peak_phase": peak_phase,  # the larger of the two working sets; the other is not counted
+        "device_load_gib": load_device / GIB,
+        "cpu_gib": (cpu["processes"] + phases[cpu_phase]) / GIB,
+        "cpu_breakdown_gib": {k: v / GIB for k, v in cpu.items()},
+        "cpu_peak_phase": cpu_phase,
+        "on_cuda": cuda,
+        "shape": shape,
     }
 
 
 def estimate(shape, settings, world_size):
     """Per-device and CPU bytes for one training process of `world_size`."""
-    q, f, t, d = settings["quantization"], settings["fsdp"], settings["training"], settings["data"]
-    mixed = f["mixed_precision"] if t["bf16"] is None else ("bf16" if t["bf16"] else f["mixed_precision"])
-    compute = 2 if mixed in ("bf16", "fp16") or q["load_in_4bit"] else 4
-    storage = BYTES[q["bnb_4bit_quant_storage_dtype"]] if q["load_in_4bit"] else compute
-    if settings["model"]["dtype"] != "auto" and not q["load_in_4bit"]:
-        storage = BYTES[settings["model"]["dtype"]]
-    shard = 1 if f["sharding_strategy"] == "NO_SHARD" else world_size
-
-    if q["load_in_4bit"]:
-        # nf4 packs 2 weights a byte; absmax per 64 weights (fp32, or 8-bit + fp32 per 256 nested)
-        per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if q["use_nested_quant"] else 4 / 64)
-        base = shape["linear_params"] * per_weight + (shape["params"] - shape["linear_params"]) * storage
-        layer = shape["layer_params"] * per_weight
-    else:
-        base = shape["params"] * storage
-        layer = shape["layer_params"] * storage
-    lora_states = shape["lora_params"] * (4 + 4 + 8)  # fp32 weights, grads, Adam moments
-
-    tokens = t["per_device_train_batch_size"] * d["max_seq_len"]
-    h, inter, layers = shape["hidden"], shape["intermediate"], shape["layers"]
-    # one layer's forward working set: attention (q, k, v, output, o-proj, norms) and MLP
-    # (gate, up, activation, product), plus the LoRA dropout copy of each target's input
-    layer_acts = tokens * (10 * h + 4 * inter + 6 * h + inter) * compute
-    if t["gradient_checkpointing"] or f["activation_checkpointing"]:
-        activations = layers * tokens * h * compute + 2 * layer_acts
-    else:
-        activations = layers * layer_acts
-    logits = tokens * shape["vocab"] * (compute + 4 + 4)  # logits, fp32 upcast, its gradient
-
-    device = {
-        "base_weights": 0 if f["offload_params"] else base / shard,
-        "gathered_layers": 2 * layer,  # the unit in use and the one prefetched
-        "lora_states": 0 if f["offload_params"] else lora_states / shard,
-        "activations": activations,
-        "logits": logits,
-    }
-    allocated = sum(device.values())
-    device_total = allocated * ALLOCATOR_OVERHEAD + CONTEXT_GIB * GIB
-    per_machine = max(1, world_size // f["num_machines"])
-    cpu = {
-        "offloaded": (base + lora_states) / f["num_machines"] if f["offload_params"] else 0,
-        # every process holds the libraries; with cpu_ram_efficient_loading only rank 0
-        # reads the weights, otherwise each rank materialises the full model once.
-        "loading": base * (1 if f["cpu_ram_efficient_loading"] else per_machine),
-        "processes": per_machine * 2 * GIB,
-    }
-    return {
-        "world_size": world_size,
-        "device_gib": device_total / GIB,
-        "device_breakdown_gib": {k: v / GIB for k, v in device.items()},
-        "cpu_gib": sum(cpu.values()) / GIB,
-        "cpu_breakdown_gib": {k: v / GIB for k, v in cpu.items()},
-        "shape": shape,
-    }
+    return _estimate(shape, settings, world_size)
 
 
 def check_fits(report, device_gib, cpu_gib, force):
@@ -138,7 +328,12 @@ def check_fits(report, device_gib, cpu_gib, force):
 def format_report(report):
     lines = [f"memory estimate for {report['world_size']} process(es):"]
     lines.append(f"  per device: {report['device_gib']:.2f} GiB")
-    lines += [f"    {k}: {v:.2f} GiB" for k, v in report["device_breakdown_gib"].items()]
+    phases = ("layer_working_set", "logits")
+    lines += [
+        f"    {k}: {v:.2f} GiB"
+        + (" (not at the peak)" if k in phases and k != report.get("device_peak_phase", k) else "")
+        for k, v in report["device_breakdown_gib"].items()
+    ]
     lines.append(f"  CPU: {report['cpu_gib']:.2f} GiB")
     lines += [f"    {k}: {v:.2f} GiB" for k, v in report["cpu_breakdown_gib"].items()]
     return "\n".join(lines)
