@@ -5,8 +5,9 @@ Recipe: render each conversation with the chat template into a `content` column
 (PEFT examples/sft utils.py: batched map of apply_chat_template), then TRL SFTTrainer's own
 dataset preparation with packing=True (SFTTrainer._prepare_dataset, the code its constructor runs).
 
-Both run in one process on the same in-memory Arrow data set, interleaved, datasets caching
-off. Peak memory is the highest RSS above the level before each call (sampled every 5 ms).
+Both run in one process (ours forks its workers from it) on the same in-memory Arrow data set,
+interleaved, datasets caching off. Peak memory is the highest RSS above the level before each
+call plus the private memory (USS) of worker processes, sampled every 5 ms (workers every 50 ms).
 
     python bench/bench_data.py                      # 10k conversations, ~16M tokens, max_len 2048
     python bench/bench_data.py --conversations 2000 --repeats 1   # a quick look
@@ -56,21 +57,38 @@ def synthetic_conversations(n, seed=0, words_per_conversation=312):
 
 
 class PeakRSS:
-    """Highest resident memory of this process above its level at the start, while inside."""
+    """Highest memory of this process above its level at the start, while inside, plus the
+    memory private to its worker processes (USS: pages they share with this process are not
+    counted twice), sampled every `interval` s (the workers every 10th sample)."""
 
     def __init__(self, interval=0.005):
         self.proc, self.interval = psutil.Process(), interval
 
     def __enter__(self):
         self.base = self.peak = self.proc.memory_info().rss
+        self.workers_peak = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
         return self
 
+    def _children_uss(self):
+        total = 0
+        for child in self.proc.children(recursive=True):
+            try:
+                total += child.memory_full_info().uss
+            except psutil.Error:  # gone meanwhile
+                pass
+        return total
+
     def _watch(self):
+        children, tick = 0, 0
         while not self.stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            if tick % 10 == 0:
+                children = self._children_uss()
+                self.workers_peak = max(self.workers_peak, children)
+            tick += 1
+            self.peak = max(self.peak, self.proc.memory_info().rss + children)
             time.sleep(self.interval)
 
     def __exit__(self, *exc):
@@ -78,6 +96,7 @@ class PeakRSS:
         self.thread.join()
         self.peak = max(self.peak, self.proc.memory_info().rss)
         self.mib = (self.peak - self.base) / 2**20
+        self.workers_mib = self.workers_peak / 2**20
 
 
 def cpu_seconds():
@@ -132,6 +151,7 @@ def main(argv=None):
     parser.add_argument("--num-proc", type=int, default=2)
     parser.add_argument("--vocab-size", type=int, default=512)
     args = parser.parse_args(argv)
+    load_start = os.getloadavg()
 
     # The fast tokenizer's thread pool size is fixed when it is first used: set it first.
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.num_proc))
@@ -195,14 +215,16 @@ def main(argv=None):
                 times[name].append(elapsed)
                 cpu[name].append(used)
                 memory[name] = max(memory[name], peak.mib)
-                print(f"[{rep}] {name}: {elapsed:.2f} s (cpu {used:.2f} s), peak +{peak.mib:.0f} MiB, {extra}", flush=True)
+                print(f"[{rep}] {name}: {elapsed:.2f} s (cpu {used:.2f} s), peak +{peak.mib:.0f} MiB "
+                      f"(workers {peak.workers_mib:.0f} MiB), load {os.getloadavg()[0]:.1f}, {extra}", flush=True)
 
     ref = statistics.median(times["recipe (render + SFTTrainer)"])
     ref_cpu = statistics.median(cpu["recipe (render + SFTTrainer)"])
     machine = platform.processor() or platform.machine()
     print()
     print(f"date: {datetime.date.today()}  machine: {os.cpu_count()}-core CPU ({machine}), "
-          f"load average at end {os.getloadavg()[0]:.1f}")
+          f"load average (1/5/15 min) at start {'/'.join(f'{x:.1f}' for x in load_start)}, "
+          f"at end {'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"data: {args.conversations} synthetic two-role conversations, {tokens} tokens "
           f"(built-in {args.vocab_size}-token byte-level BPE), chatml, max_seq_len {args.max_seq_len}, packing")
     print(f"{'path':40} {'median s':>9} {'conv/s':>9} {'tokens/s':>11} {'peak MiB':>9} {'speed-up':>9} "
