@@ -96,6 +96,11 @@ def cpu_rows(work):
         else:
             continue
         settings = json.loads(Path(run["settings"]).read_text())
+        # the C allocator the run's ranks had (done.json or the step timer say; runs from before
+        # training.allocator had glibc's)
+        allocator = json.loads(done.read_text()).get("allocator") if done.is_file() else None
+        allocator = allocator or next((r["allocator"] for r in records if r.get("allocator")), None) or "system"
+        settings = {**settings, "training": {**settings["training"], "allocator": allocator}}
         if run.get("path", "ours").startswith("reference"):
             # the estimate of the same settings; the recipe's attention is eager (no flash-attn here)
             attn = "sdpa" if run["path"].endswith("sdpa") else "eager"
@@ -116,6 +121,7 @@ def cpu_rows(work):
             "run": str(record.parent.relative_to(work)),
             "path": run.get("path", "ours"),
             "attention": settings["model"]["attn_implementation"],
+            "allocator": allocator,
             "model": Path(run["model_files"]).name,
             "batch": t["per_device_train_batch_size"],
             "checkpointing": t["gradient_checkpointing"],
@@ -149,7 +155,7 @@ def main(argv=None):
         print()
         print(f"CPU runs under {args.work}: estimate device_gib against measured peak RSS per rank ({bl.machine()}):")
         print(bl.table(result["cpu"], [
-            ("run", "run", None), ("attention", "attention", None), ("model", "model", None), ("batch", "batch", None), ("checkpointing", "ckpt", None),
+            ("run", "run", None), ("attention", "attention", None), ("allocator", "allocator", None), ("model", "model", None), ("batch", "batch", None), ("checkpointing", "ckpt", None),
             ("measured", "measured GiB", "{:.2f}"), ("estimate", "estimate GiB", "{:.2f}"), ("compared_with", "estimate", None), ("error_pct", "error", "{:+.0f}%"),
         ]))
     out = args.out or args.work / "estimator_accuracy.json"

@@ -36,15 +36,19 @@ from transformers import AutoConfig, AutoModelForCausalLM
 GIB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}
 # PyTorch's CUDA caching allocator: reserved / allocated under FSDP's per-layer gather and free
-# (blocks cached per stream, rounded to 2 MiB, fragmented by activations of other sizes). A
-# judgement within the 1.1-1.3 commonly reported, not a fit: see BENCHMARKS.md.
+# (blocks cached per stream, rounded up, split and fragmented by activations of other sizes).
+# A judgement, not measured here (no GPU): it was first set against the guide's figures with the
+# older counts; after the counts were corrected the guide's figures do not call for another
+# value, so it stays (BENCHMARKS.md, "Memory estimator accuracy").
 ALLOCATOR_OVERHEAD = 1.2
 CONTEXT_GIB = 1.0  # CUDA context, NCCL buffers, cuBLAS workspace, kernels: on each GPU
-# A CPU rank: peak RSS with glibc's default heap / peak RSS with a 128 KiB mmap threshold (every
-# large block returned when freed, so RSS follows live memory), same run, same settings:
-# 1.55-1.60 against 1.17 GiB per rank less 0.55 GiB of libraries (BENCHMARKS.md, figure 1 and
-# "Memory estimator accuracy"). glibc keeps the memory FSDP's per-layer gathers free.
-CPU_ALLOCATOR_RETENTION = 1.65
+# A CPU rank's resident memory over its live memory, by the C allocator it runs with
+# (training.allocator), measured on the small model (BENCHMARKS.md, "Memory estimator
+# accuracy"), less 0.55 GiB of libraries: glibc keeps much of what FSDP's per-layer gathers
+# free (peak RSS 1.55-1.60 GiB against 1.17 GiB for the same run with a 128 KiB mmap threshold,
+# whose RSS follows live memory); jemalloc, as shardtune.allocator sets it up, returns freed
+# pages within a second (1.18 GiB). tcmalloc is not measured: counted as glibc.
+CPU_ALLOCATOR_RETENTION = {"system": 1.65, "jemalloc": 1.0}
 CPU_RANK_LIBRARIES_GIB = 0.55  # interpreter, torch, transformers, datasets of one CPU rank (measured)
 GPU_RANK_HOST_GIB = 2.0  # host memory of one GPU rank: CUDA runtime, cuBLAS/cuDNN/NCCL, interpreter
 TILE_TOKENS, TILE_VOCAB = 4096, 32768  # TRL's fused LM head: logits tile of tokens x vocabulary
@@ -113,6 +117,20 @@ def _trains_on_cuda(settings):
     return torch.cuda.is_available()
 
 
+def _cpu_allocator(settings):
+    """The C allocator CPU ranks will run with: training.allocator as shardtune.allocator
+    resolves it on this machine (system where that setting or module is absent)."""
+    requested = settings["training"].get("allocator", "system")
+    if requested == "system":
+        return "system"
+    try:
+        from .allocator import select
+
+        return select(requested, gpus=0)[0]
+    except (ImportError, ValueError):
+        return "system"
+
+
 def _pow2ceil(n):
     return 1 << max(0, int(n - 1).bit_length()) if n > 0 else 0
 
@@ -143,14 +161,16 @@ def _layer_saved_bytes_per_token(shape, settings, act, cuda):
 
 
 def _attention_scores(shape, settings, act, rows, row_len):
-    """(bytes kept per layer, bytes of one transient copy) of eager attention's probabilities:
-    softmax runs in fp32 and keeps its output for backward; in a 16-bit compute dtype the cast
-    copy that multiplies V is kept too. sdpa and flash attention keep none."""
+    """(bytes kept per layer, bytes of the backward's transients) of eager attention's
+    probabilities: softmax runs in fp32 and keeps its output for backward; in a 16-bit compute
+    dtype the cast copy that multiplies V is kept too. In backward the gradient of the
+    probabilities (from the product with V, cast to fp32 in a 16-bit dtype) and softmax's input
+    gradient exist together with the kept output. sdpa and flash attention keep none."""
     if settings["model"]["attn_implementation"] != "eager":
         return 0, 0
     heads = shape.get("heads") or max(1, shape["hidden"] // 64)
     scores = rows * heads * row_len**2
-    return scores * (4 + (act if act < 4 else 0)), scores * 4
+    return scores * (4 + (act if act < 4 else 0)), scores * (act + 4 + (4 if act < 4 else 0))
 
 
 def _estimate(shape, settings, world_size, flattened=None):
@@ -215,7 +235,7 @@ def _estimate(shape, settings, world_size, flattened=None):
     probs, probs_transient = _attention_scores(shape, settings, act, score_rows, score_len)
     layer_saved = tokens * _layer_saved_bytes_per_token(shape, settings, act, cuda) + probs
     # backward of one layer: gradients of the MLP's gate, up and product (the largest tensors),
-    # and eager attention's gradient through softmax
+    # and eager attention's gradients through softmax
     backward = tokens * 3 * inter * act + probs_transient
     # the block-diagonal causal mask transformers builds from the restarting position ids, shared
     # by all layers: additive in the compute dtype for eager; bool for sdpa, which torch turns into
@@ -250,7 +270,8 @@ def _estimate(shape, settings, world_size, flattened=None):
     if cuda:
         device_total = allocated * ALLOCATOR_OVERHEAD + CONTEXT_GIB * GIB
     else:
-        device_total = allocated * CPU_ALLOCATOR_RETENTION + CPU_RANK_LIBRARIES_GIB * GIB
+        retention = CPU_ALLOCATOR_RETENTION.get(_cpu_allocator(settings), CPU_ALLOCATOR_RETENTION["system"])
+        device_total = allocated * retention + CPU_RANK_LIBRARIES_GIB * GIB
     # QLoRA while loading (transformers 5): without a device_map the bitsandbytes quantizer puts
     # the whole quantized model on each rank's GPU before FSDP shards it
     load_device = (base + quant_state) * ALLOCATOR_OVERHEAD + CONTEXT_GIB * GIB if q["load_in_4bit"] and cuda else 0
@@ -297,6 +318,7 @@ def _estimate(shape, settings, world_size, flattened=None):
         "cpu_breakdown_gib": {k: v / GIB for k, v in cpu.items()},
         "cpu_peak_phase": cpu_phase,
         "on_cuda": cuda,
+        "cpu_allocator": None if cuda else _cpu_allocator(settings),
         "shape": shape,
     }
 
