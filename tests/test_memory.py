@@ -172,6 +172,9 @@ def test_cpu_ranks_count_their_libraries_not_a_cuda_context(monkeypatch):
     assert report["device_gib"] == pytest.approx(
         report["device_allocated_gib"] * CPU_ALLOCATOR_RETENTION[report["cpu_allocator"]] + CPU_RANK_LIBRARIES_GIB
     )
+    # a CPU rank's memory is host memory: the CPU estimate is the ranks' (their training peak here)
+    assert report["cpu_peak_phase"] == "training"
+    assert report["cpu_gib"] == pytest.approx(8 * report["device_gib"])
     glibc = estimate(shape, deep_merge(settings, {"training": {"allocator": "system"}}), 8)
     assert glibc["cpu_allocator"] == "system"
     assert glibc["device_gib"] == pytest.approx(glibc["device_allocated_gib"] * 1.65 + CPU_RANK_LIBRARIES_GIB)

@@ -305,7 +305,13 @@ def _estimate(shape, settings, world_size, flattened=None):
         "loading": loading,  # before FSDP wraps the model
         "processes": per_machine * (GPU_RANK_HOST_GIB if cuda else CPU_RANK_LIBRARIES_GIB) * GIB,
     }
-    phases = {"loading": loading, "first_step": offloaded + unpinned, "training": offloaded + optimizer}
+    if not cuda:  # CPU ranks: what each holds for training is host memory too
+        cpu["ranks"] = per_machine * (device_total - CPU_RANK_LIBRARIES_GIB * GIB)
+    phases = {
+        "loading": loading,
+        "first_step": offloaded + unpinned,
+        "training": offloaded + optimizer + cpu.get("ranks", 0),
+    }
     cpu_phase = max(phases, key=phases.get)
     return {
         "world_size": world_size,
