@@ -193,6 +193,10 @@ def test_offloaded_shards_and_their_gradient_shards_are_pinned_in_power_of_two_b
     assert cpu["offloaded"] == pytest.approx(2 * 2 * per_rank, rel=1e-6)  # 2 ranks x (shard + grad shard)
     assert cpu["unpinned_shards"] == pytest.approx(2 * (80 * 204.0 + 500.0) / 1024, rel=0.01)
     assert _pow2ceil(3) == 4 and _pow2ceil(4) == 4 and _pow2ceil(2**20 + 1) == 2**21
+    # FSDP2 pins parameter by parameter and keeps no gradient shards for frozen weights
+    fsdp2 = estimate(shape, preset("llama2-70b-qlora-fsdp", fsdp={"version": 2}), 2)["cpu_breakdown_gib"]
+    assert fsdp2["unpinned_shards"] == 0
+    assert cpu["unpinned_shards"] < fsdp2["offloaded"] < cpu["offloaded"] / 2  # exact < per-parameter rounding < per-unit
 
 
 def test_qlora_quantization_constants_stay_on_the_gpu_with_offload():

@@ -79,6 +79,8 @@ def model_shape(model_dir_or_config, lora):
         if _is_target(name, module, lora):
             lora_params += lora["r"] * (module.in_features + module.out_features)
     layer_linears = [m for m in layers[0].modules() if isinstance(m, torch.nn.Linear)]
+    linear_weights = {id(m.weight) for m in layer_linears}
+    in_layers = {id(p) for p in layers.parameters()}
     # inputs of the LoRA targets of one layer: each target drops out its own copy of its input
     lora_inputs = sum(m.in_features for n, m in layers[0].named_modules() if _is_target(n, m, lora))
     text = getattr(config, "text_config", config)
@@ -90,6 +92,10 @@ def model_shape(model_dir_or_config, lora):
         "layer_linear_params": sum(m.weight.numel() for m in layer_linears),
         "layer_largest_linear": max((m.weight.numel() for m in layer_linears), default=0),
         "layer_lora_inputs": lora_inputs,
+        # sizes of each parameter (FSDP2 shards and offloads parameter by parameter): of one
+        # decoder layer as [numel, whether 4-bit quantization packs it], and outside the layers
+        "layer_param_sizes": [[p.numel(), id(p) in linear_weights] for p in layers[0].parameters()],
+        "root_param_sizes": [p.numel() for p in model.parameters() if id(p) not in in_layers],
         "lora_params": lora_params,
         "layers": len(layers),
         "hidden": text.hidden_size,
@@ -279,18 +285,28 @@ def _estimate(shape, settings, world_size, flattened=None):
     per_machine = max(1, world_size // f["num_machines"])
     offloaded = unpinned = optimizer = 0
     if f["offload_params"]:
-        # per rank: one flat parameter per decoder layer, the root unit, and (PEFT's wrap policy)
-        # one per LoRA A/B module
-        units = [layer_bytes / shard] * layers + [root_bytes / shard]
-        exact = sum(units) + shape["lora_params"] * lora_bytes / shard
-        # FSDP pins each shard and pre-allocates a pinned gradient shard (_cpu_grad) for every
-        # unit, frozen ones included; the CUDA host allocator rounds each block to a power of two
-        pinned = sum(_pow2ceil(u) for u in units) if cuda else sum(units)
-        pinned += shape["lora_params"] * lora_bytes / shard
-        offloaded = per_machine * 2 * pinned
-        # the unpinned shards FSDP moved to CPU at wrap time stay referenced until each unit's
-        # first unshard in the first forward
-        unpinned = per_machine * exact
+        lora_shards = shape["lora_params"] * lora_bytes / shard
+        round_up = _pow2ceil if cuda else (lambda n: n)  # the CUDA host allocator's blocks
+        if f.get("version", 1) == 2 and "layer_param_sizes" in shape:
+            # FSDP2 shards, offloads and pins parameter by parameter; gradients are offloaded
+            # only for parameters that have them (the adapters); the unpinned copy of each
+            # shard is dropped as soon as it is pinned
+            def packed(numel, quantizable):
+                return numel * (0.5 if q["load_in_4bit"] and quantizable else load)
+
+            per_layer = sum(round_up(packed(n, quant) / shard) for n, quant in shape["layer_param_sizes"])
+            pinned = layers * per_layer + sum(round_up(n * load / shard) for n in shape["root_param_sizes"])
+            offloaded = per_machine * (pinned + 2 * lora_shards)
+        else:
+            # FSDP1, per rank: one flat parameter per decoder layer, the root unit, and (PEFT's
+            # wrap policy) one per LoRA A/B module. FSDP pins each shard and pre-allocates a
+            # pinned gradient shard (_cpu_grad) for every unit, frozen ones included
+            units = [layer_bytes / shard] * layers + [root_bytes / shard]
+            pinned = sum(round_up(u) for u in units) + lora_shards
+            offloaded = per_machine * 2 * pinned
+            # the unpinned shards FSDP moved to CPU at wrap time stay referenced until each
+            # unit's first unshard in the first forward
+            unpinned = per_machine * (sum(units) + lora_shards)
         optimizer = per_machine * shape["lora_params"] * 2 * lora_bytes / shard  # Adam moments, on CPU
     if q["load_in_4bit"] and cuda:
         loading = 0  # quantized on each GPU while loading (see load_device)
@@ -299,8 +315,8 @@ def _estimate(shape, settings, world_size, flattened=None):
         # meta device and receive them from FSDP's sync_module_states); otherwise every rank does
         loading = base * (1 if f["cpu_ram_efficient_loading"] else per_machine)
     cpu = {
-        "offloaded": offloaded,
-        "unpinned_shards": unpinned,  # first step only
+        "offloaded": offloaded,  # pinned shards (and FSDP1's pinned gradient shards)
+        "unpinned_shards": unpinned,  # FSDP1, first step only
         "optimizer": optimizer,
         "loading": loading,  # before FSDP wraps the model
         "processes": per_machine * (GPU_RANK_HOST_GIB if cuda else CPU_RANK_LIBRARIES_GIB) * GIB,
