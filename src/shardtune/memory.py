@@ -18,14 +18,18 @@ term depends on a library's behaviour, its comment says which. In short:
   with gradient checkpointing one hidden state per layer plus the layer being recomputed;
   the peak adds the larger of one layer's backward working set and the loss (TRL's fused LM
   head, which never materializes the full logits);
-- CPU offload: every FSDP unit's shard and its pre-allocated gradient shard live in pinned host
-  memory, each block rounded up to a power of two by the CUDA host allocator; the first step
-  also holds the unpinned shards those were copied from.
+- CPU offload: FSDP1 keeps every unit's shard and a pre-allocated gradient shard, frozen units
+  included, in pinned host memory, each block rounded up to a power of two by the CUDA host
+  allocator, and its first step also holds the unpinned shards those were copied from; FSDP2
+  pins parameter by parameter, with gradient shards for the adapters only.
 
-The allocated total is scaled by the caching allocator's reserve (GPU) or the C allocator's
-retention of freed memory (CPU ranks), and the CUDA context or a CPU rank's libraries are added.
-BENCHMARKS.md ("Memory estimator accuracy") compares the estimate with the source guide's
-figures and with measured CPU runs.
+The allocated total is scaled by the caching allocator's reserve (GPU: a judgement, 1.2) or by
+the C allocator's measured retention of freed memory (CPU ranks: glibc or jemalloc, as
+training.allocator resolves), and the CUDA context or a CPU rank's libraries are added; on CPU
+ranks the CPU estimate is the ranks' memory. `device_load_gib` reports a QLoRA model's load,
+whole on each GPU before FSDP shards it. BENCHMARKS.md ("Memory estimator accuracy") compares
+the estimate with the source guide's figures and with measured CPU runs, and lists what it
+does not explain.
 """
 
 
