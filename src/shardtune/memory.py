@@ -382,7 +382,13 @@ def format_report(report):
         + (" (not at the peak)" if k in phases and k != report.get("device_peak_phase", k) else "")
         for k, v in report["device_breakdown_gib"].items()
     ]
-    lines.append(f"  CPU: {report['cpu_gib']:.2f} GiB")
+    if report.get("device_load_gib", 0) > report["device_gib"]:
+        lines.append(
+            f"  per device while loading: {report['device_load_gib']:.2f} GiB "
+            "(the 4-bit model whole on each GPU before FSDP shards it; not checked)"
+        )
+    phase = f" (peak: {report['cpu_peak_phase'].replace('_', ' ')})" if "cpu_peak_phase" in report else ""
+    lines.append(f"  CPU: {report['cpu_gib']:.2f} GiB{phase}")
     lines += [f"    {k}: {v:.2f} GiB" for k, v in report["cpu_breakdown_gib"].items()]
     return "\n".join(lines)
 
