@@ -175,8 +175,13 @@ def _attention_scores(shape, settings, act, rows, row_len):
     probabilities: softmax runs in fp32 and keeps its output for backward; in a 16-bit compute
     dtype the cast copy that multiplies V is kept too. In backward the gradient of the
     probabilities (from the product with V, cast to fp32 in a 16-bit dtype) and softmax's input
-    gradient exist together with the kept output. sdpa and flash attention keep none."""
-    if settings["model"]["attn_implementation"] != "eager":
+    gradient exist together with the kept output. sdpa keeps no probabilities, but torch turns
+    the boolean mask into an additive one in the query's dtype at every call and the kernel keeps
+    it for backward: rows x L^2 per layer. Flash attention keeps neither."""
+    attn = settings["model"]["attn_implementation"]
+    if attn == "sdpa" or attn == "auto":
+        return rows * row_len**2 * act, 0
+    if attn != "eager":
         return 0, 0
     heads = shape.get("heads") or max(1, shape["hidden"] // 64)
     scores = rows * heads * row_len**2
@@ -248,10 +253,9 @@ def _estimate(shape, settings, world_size, flattened=None):
     # and eager attention's gradients through softmax
     backward = tokens * 3 * inter * act + probs_transient
     # the block-diagonal causal mask transformers builds from the restarting position ids, shared
-    # by all layers: additive in the compute dtype for eager; bool for sdpa, which torch turns into
-    # an additive one in the query's dtype; flash needs none
+    # by all layers: additive in the compute dtype for eager, bool for sdpa; flash needs none
     attn = settings["model"]["attn_implementation"]
-    mask = 0 if attn == "flash_attention_2" else score_rows * score_len**2 * (act if attn == "eager" else 1 + act)
+    mask = 0 if attn == "flash_attention_2" else score_rows * score_len**2 * (act if attn == "eager" else 1)
     if t["gradient_checkpointing"] or f["activation_checkpointing"]:
         kept = layers * tokens * h * act  # each layer's input; the layer is recomputed in backward
         layer_phase = layer_saved + backward
