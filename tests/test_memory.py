@@ -123,13 +123,22 @@ def tiny_lora_model(attn):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_the_per_layer_activation_count_matches_what_autograd_keeps(attn, monkeypatch):
-    """Bytes saved for backward by one decoder layer of a LoRA model on CPU (float32, per-row
-    [batch, L] packed rows), counted with saved-tensor hooks, against the estimate's count."""
+@pytest.mark.parametrize("mixed", [False, True])
+def test_the_per_layer_activation_count_matches_what_autograd_keeps(attn, mixed, monkeypatch):
+    """Bytes saved for backward by one decoder layer of a LoRA model on CPU (per-row [batch, L]
+    packed rows; float32, or bf16 weights and autocast with float32 adapters as in bf16 mixed
+    precision), counted with saved-tensor hooks, against the estimate's count."""
+    import contextlib
+
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config, lora, model = tiny_lora_model(attn)
+    if mixed:
+        model = model.to(torch.bfloat16)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     model.train()
     rows, length = 2, 512
     ids = torch.randint(0, 128, (rows, length))
@@ -146,17 +155,18 @@ def test_the_per_layer_activation_count_matches_what_autograd_keeps(attn, monkey
             return t
 
         model.base_model.model.model.layers = full[:layers]
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
+        with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(input_ids=ids, position_ids=positions, labels=ids)
         return sum(seen.values())
 
     full = model.base_model.model.model.layers
     measured = saved_by(2) - saved_by(1)
     model.base_model.model.model.layers = full
-    settings = preset("llama2-70b-lora-fsdp", model={"attn_implementation": attn}, training={"bf16": False}, fsdp={"mixed_precision": "no"})
-    shape = model_shape(config, lora)
-    counted = length * rows * _layer_saved_bytes_per_token(shape, settings, 4, cuda=False)
-    counted += _attention_scores(shape, settings, 4, rows, length)[0]
+    settings = preset("llama2-70b-lora-fsdp", model={"attn_implementation": attn}, training={"bf16": mixed}, fsdp={"mixed_precision": "bf16" if mixed else "no"})
+    shape, act = model_shape(config, lora), 2 if mixed else 4
+    counted = length * rows * _layer_saved_bytes_per_token(shape, settings, act, cuda=False)
+    counted += _attention_scores(shape, settings, act, rows, length)[0]
     # the count is deterministic for given library versions; leaving out eager's probabilities
     # would put it 18% low, sdpa's per-layer mask 6%
     assert counted == pytest.approx(measured, rel=0.05), (counted, measured)

@@ -160,11 +160,14 @@ def _layer_saved_bytes_per_token(shape, settings, act, cuda):
     # MLP: SiLU keeps the gate projection; the product keeps SiLU's output and the up projection
     mlp = 3 * inter * act
     # LoRA: a frozen base linear keeps nothing (its weight needs no gradient), but lora_A keeps its
-    # input: with dropout each target's own dropped-out copy plus the mask (bool in CUDA's
-    # native_dropout, a float tensor the input's size on CPU); without dropout the shared inputs
+    # input (in the compute dtype): with dropout each target's own dropped-out copy, plus the
+    # mask: bool in CUDA's native_dropout, on CPU a float tensor the input's size in the adapter
+    # dtype (PEFT casts the input to it first: float32, bf16 for TRL's QLoRA adapters); without
+    # dropout the shared inputs
     lora_inputs = shape.get("layer_lora_inputs", 6 * h + inter)
+    adapter = 2 if settings["quantization"]["load_in_4bit"] else 4
     if settings["lora"].get("dropout", 0.1) > 0:
-        lora = lora_inputs * (act + (1 if cuda else act))
+        lora = lora_inputs * (act + (1 if cuda else adapter))
     else:
         lora = min(lora_inputs, 3 * h + inter) * act
     return norms + attention + mlp + lora
