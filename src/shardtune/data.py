@@ -421,29 +421,40 @@ def _pack_bfd(lengths, max_len):
     return sequence_order, np.fromiter(map(len, members), dtype=np.int64, count=len(members))
 
 
-def _packed_table(ids, labels, lengths, max_len):
+def _gather(ids, labels, starts, lengths, order):
+    """The tokens of sequences `order` (each `lengths[i]` tokens from `starts[i]`), back to back."""
+    seq_lengths = lengths[order]
+    index = np.int32 if len(ids) < 2**31 else np.int64
+    # Each token's position: its sequence's start, repeated over its tokens, + 0, 1, 2, ...
+    where = np.repeat((starts[order] - (np.cumsum(seq_lengths) - seq_lengths)).astype(index), seq_lengths)
+    where += np.arange(len(where), dtype=index)
+    out = ids[where]
+    return out, (out if labels is ids else labels[where])
+
+
+def _packed_table(ids, labels, lengths, max_len, starts=None):
     """input_ids, labels and seq_lengths packed into rows of at most max_len tokens: the table
-    TRL's pack_dataset(..., strategy="bfd") returns for these sequences, built with numpy."""
+    TRL's pack_dataset(..., strategy="bfd") returns for these sequences, built with numpy.
+    Sequence i is `lengths[i]` tokens from `starts[i]` (default: back to back) in ids/labels."""
+    if starts is None:
+        starts = np.cumsum(lengths) - lengths
     keep = lengths > 0  # as TRL: empty sequences are dropped
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     lengths, starts = lengths[keep], starts[keep]
     order, per_bin = _pack_bfd(lengths, max_len)
+    ids, labels = _gather(ids, labels, starts, lengths, order)
     seq_lengths = lengths[order]
-    # Token positions in packed order: each sequence's start, repeated over its tokens, + 0, 1, ...
-    total = int(seq_lengths.sum())
-    new_starts = np.concatenate([[0], np.cumsum(seq_lengths)[:-1]])
-    where = np.repeat(starts[order] - new_starts, seq_lengths) + np.arange(total, dtype=np.int64)
     bin_ends = np.cumsum(per_bin)
     row_offsets = np.concatenate([[0], np.cumsum(seq_lengths)[bin_ends - 1]])
-    list_type = pa.ListArray if total < 2**31 else pa.LargeListArray
-    offsets = pa.array(row_offsets, type=pa.int32() if list_type is pa.ListArray else pa.int64())
-    bounds = pa.array(np.concatenate([[0], bin_ends]), type=pa.int32())
-    seq_type = pa.int32() if list_type is pa.ListArray else pa.int64()
+    list_type = pa.ListArray if len(ids) < 2**31 else pa.LargeListArray
+    offset_type = pa.int32() if list_type is pa.ListArray else pa.int64()
+    offsets = pa.array(row_offsets, type=offset_type)
     return pa.table(
         {
-            "input_ids": list_type.from_arrays(offsets, pa.array(ids[where])),
-            "labels": list_type.from_arrays(offsets, pa.array(labels[where])),
-            "seq_lengths": pa.ListArray.from_arrays(bounds, pa.array(seq_lengths, type=seq_type)),
+            "input_ids": list_type.from_arrays(offsets, pa.array(ids)),
+            "labels": list_type.from_arrays(offsets, pa.array(labels)),
+            "seq_lengths": pa.ListArray.from_arrays(
+                pa.array(np.concatenate([[0], bin_ends]), type=pa.int32()), pa.array(seq_lengths, type=offset_type)
+            ),
         }
     )
 
@@ -574,8 +585,8 @@ def prepare_split(ds, split, cfg, tokenizer, *, report, num_proc=1, log=print):
     too_long = lengths > max_len
     truncated = int(too_long.sum()) if cfg["too_long"] == "truncate" else 0
     keep_row = np.ones(len(lengths), dtype=bool)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    keep_token = None  # token filter, only built when a row is cut or dropped
+    starts = np.cumsum(lengths) - lengths
+    kept = lengths  # tokens kept per row: all of them, or the first max_len
     if too_long.any():
         if cfg["too_long"] == "error":
             first = int(np.flatnonzero(too_long)[0])
@@ -587,12 +598,12 @@ def prepare_split(ds, split, cfg, tokenizer, *, report, num_proc=1, log=print):
             keep_row &= ~too_long
             dropped["longer than max_seq_len"] += int(too_long.sum())
         else:
-            keep_token = np.arange(len(ids)) - np.repeat(starts, lengths) < max_len
+            kept = np.minimum(lengths, max_len)
     if assistant_only:
-        carries = labels != IGNORE_INDEX
-        if keep_token is not None:
-            carries &= keep_token
-        no_loss = keep_row & (np.add.reduceat(carries, starts) == 0)
+        # Tokens with loss among each row's kept tokens, from a running count.
+        before = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX, dtype=np.int64)])
+        row_loss = before[starts + kept] - before[starts]
+        no_loss = keep_row & (row_loss == 0)
         cut, empty = no_loss & too_long, no_loss & ~too_long
         if empty.any():
             if cfg["on_bad_row"] == "error":
@@ -603,21 +614,21 @@ def prepare_split(ds, split, cfg, tokenizer, *, report, num_proc=1, log=print):
             dropped["no assistant token left after truncation"] += int(cut.sum())
             truncated -= int(cut.sum())
         keep_row &= ~no_loss
-    if not keep_row.all():
-        keep_token = np.repeat(keep_row, lengths) if keep_token is None else keep_token & np.repeat(keep_row, lengths)
-    if keep_token is not None:
-        ids, labels = ids[keep_token], labels[keep_token]
-        lengths = np.minimum(lengths, max_len)[keep_row]
+        loss_tokens = int(row_loss[keep_row].sum())
+    else:
+        loss_tokens = int(kept[keep_row].sum())
+    contiguous = keep_row.all() and kept is lengths  # the rows' tokens are ids as they are
+    starts, lengths = starts[keep_row], kept[keep_row]
     if len(lengths) == 0:
         raise DataError(f"{where}: no usable conversation left in split '{split}' (dropped: {dict(dropped)})")
-
-    loss_tokens = int((labels != IGNORE_INDEX).sum()) if assistant_only else int(len(labels))
     del mask
     clock.lap("labels")
     if packing:
         # One BFD pass over the whole split for the best fill.
-        table = _packed_table(ids, labels, lengths, max_len)
+        table = _packed_table(ids, labels, lengths, max_len, starts=starts)
     else:
+        if not contiguous:
+            ids, labels = _gather(ids, labels, starts, lengths, np.arange(len(lengths)))
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         list_type = pa.ListArray if offsets[-1] < 2**31 else pa.LargeListArray
         offsets = pa.array(offsets, type=pa.int32() if list_type is pa.ListArray else pa.int64())
