@@ -86,7 +86,9 @@ def model_shape(model_dir_or_config, lora):
     linear_weights = {id(m.weight) for m in layer_linears}
     in_layers = {id(p) for p in layers.parameters()}
     # inputs of the LoRA targets of one layer: each target drops out its own copy of its input
-    lora_inputs = sum(m.in_features for n, m in layers[0].named_modules() if _is_target(n, m, lora))
+    targets = [(n, m) for n, m in layers[0].named_modules() if _is_target(n, m, lora)]
+    lora_inputs = sum(m.in_features for n, m in targets)
+    lora_attention_inputs = sum(m.in_features for n, m in targets if "attn" in n or "attention" in n)
     text = getattr(config, "text_config", config)
     heads = getattr(text, "num_attention_heads", None) or max(1, text.hidden_size // 64)
     return {
@@ -96,6 +98,7 @@ def model_shape(model_dir_or_config, lora):
         "layer_linear_params": sum(m.weight.numel() for m in layer_linears),
         "layer_largest_linear": max((m.weight.numel() for m in layer_linears), default=0),
         "layer_lora_inputs": lora_inputs,
+        "layer_lora_attention_inputs": lora_attention_inputs,  # of targets in the attention block
         # sizes of each parameter (FSDP2 shards and offloads parameter by parameter): of one
         # decoder layer as [numel, whether 4-bit quantization packs it], and outside the layers
         "layer_param_sizes": [[p.numel(), id(p) in linear_weights] for p in layers[0].parameters()],
@@ -145,14 +148,15 @@ def _pow2ceil(n):
     return 1 << max(0, int(n - 1).bit_length()) if n > 0 else 0
 
 
-def _layer_saved_bytes_per_token(shape, settings, act, cuda):
-    """Bytes autograd keeps per token for the backward of one decoder layer (Llama-like)."""
+def _layer_saved_parts(shape, settings, act, cuda):
+    """Bytes autograd keeps per token for the backward of one decoder layer (Llama-like), as
+    (attention block, MLP block): backward frees the MLP block's before the attention's."""
     h, inter = shape["hidden"], shape["intermediate"]
     heads = shape.get("heads") or max(1, h // 64)
     kv_dim = (shape.get("kv_heads") or heads) * (h // heads)
     attn = settings["model"]["attn_implementation"]
-    # RMSNorm (two per layer) computes in fp32 and keeps its fp32 input for the variance's backward
-    norms = 2 * h * 4
+    # RMSNorm (one per block) computes in fp32 and keeps its fp32 input for the variance's backward
+    norm = h * 4
     # the attention kernel keeps q, k, v and its output; flash keeps k and v at the KV heads,
     # sdpa and eager get them repeated to every head (transformers' repeat_kv)
     kv = kv_dim if attn == "flash_attention_2" else h
@@ -164,13 +168,21 @@ def _layer_saved_bytes_per_token(shape, settings, act, cuda):
     # mask: bool in CUDA's native_dropout, on CPU a float tensor the input's size in the adapter
     # dtype (PEFT casts the input to it first: float32, bf16 for TRL's QLoRA adapters); without
     # dropout the shared inputs
-    lora_inputs = shape.get("layer_lora_inputs", 6 * h + inter)
+    inputs = shape.get("layer_lora_inputs", 6 * h + inter)
+    attention_inputs = shape.get("layer_lora_attention_inputs", min(inputs, 4 * h))
     adapter = 2 if settings["quantization"]["load_in_4bit"] else 4
     if settings["lora"].get("dropout", 0.1) > 0:
-        lora = lora_inputs * (act + (1 if cuda else adapter))
+        per_input = act + (1 if cuda else adapter)
+        lora_attention, lora_mlp = attention_inputs * per_input, (inputs - attention_inputs) * per_input
     else:
-        lora = min(lora_inputs, 3 * h + inter) * act
-    return norms + attention + mlp + lora
+        lora_attention = min(attention_inputs, 2 * h) * act
+        lora_mlp = min(inputs - attention_inputs, h + inter) * act
+    return norm + attention + lora_attention, norm + mlp + lora_mlp
+
+
+def _layer_saved_bytes_per_token(shape, settings, act, cuda):
+    """Bytes autograd keeps per token for the backward of one decoder layer."""
+    return sum(_layer_saved_parts(shape, settings, act, cuda))
 
 
 def _attention_scores(shape, settings, act, rows, row_len):
@@ -251,20 +263,23 @@ def _estimate(shape, settings, world_size, flattened=None):
     # they would be (batch x L)^2 per head
     score_rows, score_len = (1, tokens) if flattened else (rows, row_len)
     probs, probs_transient = _attention_scores(shape, settings, act, score_rows, score_len)
-    layer_saved = tokens * _layer_saved_bytes_per_token(shape, settings, act, cuda) + probs
-    # backward of one layer: gradients of the MLP's gate, up and product (the largest tensors),
-    # and eager attention's gradients through softmax
-    backward = tokens * 3 * inter * act + probs_transient
+    attention_part, mlp_part = _layer_saved_parts(shape, settings, act, cuda)
+    saved_attention, saved_mlp = tokens * attention_part + probs, tokens * mlp_part
+    layer_saved = saved_attention + saved_mlp
+    # backward of a layer starts with the MLP block, whose gradients of gate, up and product are
+    # the largest tensors while everything the layer keeps is still there; eager attention's
+    # gradients through softmax come after the MLP block's saved tensors are freed
+    mlp_backward = tokens * 3 * inter * act
     # the block-diagonal causal mask transformers builds from the restarting position ids, shared
     # by all layers: additive in the compute dtype for eager, bool for sdpa; flash needs none
     attn = settings["model"]["attn_implementation"]
     mask = 0 if attn == "flash_attention_2" else score_rows * score_len**2 * (act if attn == "eager" else 1)
     if t["gradient_checkpointing"] or f["activation_checkpointing"]:
         kept = layers * tokens * h * act  # each layer's input; the layer is recomputed in backward
-        layer_phase = layer_saved + backward
+        layer_phase = max(layer_saved + mlp_backward, saved_attention + probs_transient)
     else:
         kept = layers * layer_saved
-        layer_phase = backward
+        layer_phase = max(mlp_backward, probs_transient - saved_mlp)
     # TRL's fused LM head: the final hidden state is kept, its fp32 gradient accumulated, and the
     # logits exist one tile at a time (on CPU the tile is also transformed in fp32)
     tile = min(tokens, TILE_TOKENS) * min(shape["vocab"], TILE_VOCAB) * (act + (4 if cuda else 8))
