@@ -212,7 +212,7 @@ def test_preflight_refuses_when_nothing_fits_unless_forced(shape, model_files, t
     forced = auto(rows=8, device_gib=0.01, force=True)
     report = preflight(model_dir, accelerate, forced, tmp_path / "memory.json", log=lambda *a: None)
     resolved = report["resolved"]
-    assert resolved["fits"] is False and report["declared"]["forced_past"]
+    assert resolved["fits"] is False and report["declared"]["over_budget"]
     assert (resolved["per_device_train_batch_size"], resolved["gradient_checkpointing"]) == (1, True)
 
 

@@ -259,6 +259,24 @@ def test_a_run_that_cannot_fit_is_refused_unless_forced():
     assert check_fits(report, device_gib=report["device_gib"] + 1, cpu_gib=None, force=False) == []
 
 
+def test_the_guides_lora_run_is_warned_not_refused_on_an_80gb_card():
+    """The estimate is within ~15% of real peaks, so a run estimated just above the card is let
+    through with a warning: the guide ran this preset on 8 x 80GB (an H100 80GB reports 79.2 GiB)."""
+    from shardtune.memory import ESTIMATE_TOLERANCE, over_budget_warnings
+
+    settings = preset("llama2-70b-lora-fsdp")
+    report = estimate(model_shape(LLAMA2_70B, settings["lora"]), settings, 8)
+    card = 85_029_158_912 / 2**30
+    over = check_fits(report, device_gib=card, cpu_gib=None, force=False)
+    if report["device_gib"] > card:
+        assert over and "declared" in over[0]
+        assert "tolerance" in over_budget_warnings(over, force=False)[0]
+    edge = report["device_gib"] / (1 + ESTIMATE_TOLERANCE)
+    assert check_fits(report, device_gib=edge * 1.001, cpu_gib=None, force=False)
+    with pytest.raises(ConfigError, match="tolerance"):
+        check_fits(report, device_gib=edge * 0.999, cpu_gib=None, force=False)
+
+
 PEAK_SCRIPT = r"""
 import json, re, sys
 import torch

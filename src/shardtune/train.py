@@ -34,7 +34,7 @@ from .collate import PackedRowsCollator, flattens_batches  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .hub import every_save_callback  # noqa: E402
 from .io import read_json, write_json  # noqa: E402
-from .memory import check_fits, format_report  # noqa: E402
+from .memory import check_fits, format_report, over_budget_warnings  # noqa: E402
 from .modeling import load_base_model, packed_position_ids  # noqa: E402
 from .runinfo import versions  # noqa: E402
 
@@ -164,8 +164,8 @@ def check_device_memory(report, log):
     declared = report["declared"]
     if torch.cuda.is_available() and declared["device_gib"] is None:
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
-        for problem in check_fits(report, total, None, declared["force"]):
-            log(f"warning (memory.force): {problem}")
+        for line in over_budget_warnings(check_fits(report, total, None, declared["force"]), declared["force"]):
+            log(line)
 
 
 def peak_memory_gib():
