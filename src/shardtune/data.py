@@ -26,6 +26,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow as pa
+import xxhash  # a dependency of datasets
 from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -421,6 +422,17 @@ def _pack_bfd(lengths, max_len):
     return sequence_order, np.fromiter(map(len, members), dtype=np.int64, count=len(members))
 
 
+def _fingerprint(table):
+    """A content hash of an Arrow table for its Dataset: what datasets would compute by
+    pickling the whole table, at a fraction of the time (xxhash over the buffers)."""
+    digest = xxhash.xxh64(str(table.schema).encode())
+    for column in table.columns:
+        for chunk in column.chunks:
+            for buffer in chunk.buffers():
+                digest.update(b"" if buffer is None else buffer)
+    return digest.hexdigest()
+
+
 def _gather(ids, labels, starts, lengths, order):
     """The tokens of sequences `order` (each `lengths[i]` tokens from `starts[i]`), back to back."""
     seq_lengths = lengths[order]
@@ -601,7 +613,8 @@ def prepare_split(ds, split, cfg, tokenizer, *, report, num_proc=1, log=print):
             kept = np.minimum(lengths, max_len)
     if assistant_only:
         # Tokens with loss among each row's kept tokens, from a running count.
-        before = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX, dtype=np.int64)])
+        count = np.int32 if len(labels) < 2**31 else np.int64
+        before = np.concatenate([[0], np.cumsum((labels != IGNORE_INDEX).view(np.uint8), dtype=count)])  # not bool: 10x slower
         row_loss = before[starts + kept] - before[starts]
         no_loss = keep_row & (row_loss == 0)
         cut, empty = no_loss & too_long, no_loss & ~too_long
@@ -642,7 +655,7 @@ def prepare_split(ds, split, cfg, tokenizer, *, report, num_proc=1, log=print):
             }
         )
     del ids, labels
-    final = datasets.Dataset(table)
+    final = datasets.Dataset(table, fingerprint=_fingerprint(table))
     clock.lap("pack")
     total = int(lengths.sum())
     edges = np.linspace(0, max_len, 17)
