@@ -61,6 +61,11 @@ ALLOCATOR_VARIANTS = {
     "jemalloc": ("jemalloc", {}),  # jemalloc with shardtune's settings (allocator.SETTINGS)
     "jemalloc-defaults": ("jemalloc", {"MALLOC_CONF": ""}),  # jemalloc's own defaults
     "jemalloc-nodecay": ("jemalloc", {"MALLOC_CONF": "background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0"}),
+    "jemalloc-nopurge": ("jemalloc", {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}),  # keeps freed pages
+    "jemalloc-10s": ("jemalloc", {"MALLOC_CONF": "background_thread:true,dirty_decay_ms:10000,muzzy_decay_ms:0"}),
+    "jemalloc-1arena-nopurge": ("jemalloc", {"MALLOC_CONF": "narenas:1,dirty_decay_ms:-1,muzzy_decay_ms:-1"}),
+    "jemalloc-1arena": ("jemalloc", {"MALLOC_CONF": "narenas:1,background_thread:true,dirty_decay_ms:10000,muzzy_decay_ms:0"}),
+    "glibc-arena1": ("system", {"MALLOC_ARENA_MAX": "1"}),
     "tcmalloc": ("tcmalloc", {}),
     "tcmalloc-aggressive": ("tcmalloc", {"TCMALLOC_AGGRESSIVE_DECOMMIT": "true"}),
 }
@@ -77,7 +82,7 @@ def allocator_env(settings, variant=None):
 
     name, updates, _ = select(requested, clean, gpus=torch.cuda.device_count())
     # an empty LD_PRELOAD overrides one inherited from the caller's environment
-    return name, {"LD_PRELOAD": "", **updates, **(extra if name != "system" else {})}
+    return name, {"LD_PRELOAD": "", **updates, **(extra if name == requested else {})}
 
 
 def load_average():
@@ -126,6 +131,20 @@ def loaded_allocator():
     from shardtune.allocator import loaded
 
     return loaded()
+
+
+def minor_faults():
+    """Minor page faults of this process so far (pages mapped in and zeroed on first touch)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def system_seconds():
+    """Kernel CPU time of this process so far (page faults, madvise, munmap among it)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
 def cpu_seconds():
@@ -179,6 +198,8 @@ def step_timer(path, reset_peak=False):
                     "tokens": state.num_input_tokens_seen,
                     "peak_gib": peak_rss_gib(),
                     "cpu_s": cpu_seconds(),
+                    "minor_faults": minor_faults(),
+                    "sys_s": system_seconds(),
                     **memory_now_gib(),
                 }
             )

@@ -32,40 +32,40 @@ def test_unknown_allocator_is_a_config_error():
         resolve_runs({"runs": {"a": {}}, "training": {"allocator": "mimalloc"}})
 
 
-def test_auto_on_cpu_prefers_jemalloc_with_its_settings():
+def test_auto_on_cpu_preloads_tcmalloc():
     name, updates, why = allocator.select("auto", {}, gpus=0, find=finder("jemalloc", "tcmalloc"))
-    assert name == "jemalloc" and "/opt/lib/libjemalloc.so" in why
-    assert updates["LD_PRELOAD"] == "/opt/lib/libjemalloc.so"
-    assert updates["MALLOC_CONF"] == allocator.SETTINGS["jemalloc"]["MALLOC_CONF"]
+    assert name == "tcmalloc" and "/opt/lib/libtcmalloc.so" in why
+    assert updates == {"LD_PRELOAD": "/opt/lib/libtcmalloc.so"}
 
 
-def test_auto_falls_back_to_tcmalloc_then_to_the_system_allocator():
-    name, updates, _ = allocator.select("auto", {}, find=finder("tcmalloc"))
-    assert name == "tcmalloc" and updates == {"LD_PRELOAD": "/opt/lib/libtcmalloc.so"}
-    name, updates, why = allocator.select("auto", {}, find=finder())
+def test_auto_without_tcmalloc_keeps_the_system_allocator_and_says_how_to_install_it():
+    # jemalloc costs throughput (its decay refaults pages every step): auto does not pick it
+    name, updates, why = allocator.select("auto", {}, find=finder("jemalloc"))
     assert (name, updates) == ("system", {})
-    assert "not found" in why and "apt-get install libjemalloc2" in why
+    assert "tcmalloc was not found" in why and "apt-get install libtcmalloc-minimal4" in why
 
 
 def test_auto_keeps_the_system_allocator_on_gpu_nodes():
-    name, updates, why = allocator.select("auto", {}, gpus=8, find=finder("jemalloc"))
+    name, updates, why = allocator.select("auto", {}, gpus=8, find=finder("tcmalloc"))
     assert (name, updates) == ("system", {}) and "GPUs" in why
 
 
 def test_an_explicit_allocator_is_used_on_gpus_too_and_a_missing_one_falls_back():
-    assert allocator.select("tcmalloc", {}, gpus=8, find=finder("jemalloc", "tcmalloc"))[0] == "tcmalloc"
+    name, updates, _ = allocator.select("jemalloc", {}, gpus=8, find=finder("jemalloc", "tcmalloc"))
+    assert name == "jemalloc" and updates["LD_PRELOAD"] == "/opt/lib/libjemalloc.so"
+    assert updates["MALLOC_CONF"] == allocator.SETTINGS["jemalloc"]["MALLOC_CONF"]
     name, updates, why = allocator.select("jemalloc", {}, find=finder("tcmalloc"))
     assert (name, updates) == ("system", {}) and "jemalloc was not found" in why
 
 
 def test_system_preloads_nothing():
-    assert allocator.select("system", {}, find=finder("jemalloc")) == ("system", {}, "training.allocator: system")
+    assert allocator.select("system", {}, find=finder("tcmalloc")) == ("system", {}, "training.allocator: system")
 
 
 def test_the_environment_wins():
     # an LD_PRELOAD that already names an allocator is left alone
     env = {"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}
-    assert allocator.select("auto", env, find=finder("jemalloc"))[:2] == ("tcmalloc", {})
+    assert allocator.select("auto", env, find=finder("tcmalloc"))[:2] == ("tcmalloc", {})
     # other preloads are kept after ours; the user's MALLOC_CONF is not overwritten
     env = {"LD_PRELOAD": "/opt/libother.so", "MALLOC_CONF": "narenas:2"}
     name, updates, _ = allocator.select("jemalloc", env, find=finder("jemalloc"))
@@ -122,31 +122,34 @@ def one_node(tmp_path, monkeypatch):
     return start
 
 
-def test_launcher_preloads_jemalloc_for_cpu_ranks_and_says_so(one_node, capsys):
-    env = one_node({}, 0, ["jemalloc"])
-    assert env["LD_PRELOAD"] == "/opt/lib/libjemalloc.so" and "MALLOC_CONF" in env
-    assert "launch: allocator: jemalloc (training.allocator: auto, found /opt/lib/libjemalloc.so)" in capsys.readouterr().out
+def test_launcher_preloads_tcmalloc_for_cpu_ranks_and_says_so(one_node, capsys):
+    env = one_node({}, 0, ["tcmalloc", "jemalloc"])
+    assert env["LD_PRELOAD"] == "/opt/lib/libtcmalloc.so"
+    assert "launch: allocator: tcmalloc (training.allocator: auto, found /opt/lib/libtcmalloc.so)" in capsys.readouterr().out
 
 
 def test_launcher_without_the_library_runs_the_system_allocator_and_says_why(one_node, capsys):
     env = one_node({}, 0, [])
     assert "LD_PRELOAD" not in env
-    assert "launch: allocator: system (training.allocator: auto, but jemalloc or tcmalloc was not found" in capsys.readouterr().out
+    assert "launch: allocator: system (training.allocator: auto, but tcmalloc was not found" in capsys.readouterr().out
 
 
 def test_launcher_leaves_gpu_nodes_alone_unless_asked(one_node):
-    assert "LD_PRELOAD" not in one_node({}, 2, ["jemalloc"])
-    assert one_node({"allocator": "jemalloc"}, 2, ["jemalloc"])["LD_PRELOAD"] == "/opt/lib/libjemalloc.so"
+    assert "LD_PRELOAD" not in one_node({}, 2, ["tcmalloc"])
+    env = one_node({"allocator": "jemalloc"}, 2, ["jemalloc"])
+    assert env["LD_PRELOAD"] == "/opt/lib/libjemalloc.so" and "MALLOC_CONF" in env
 
 
-# --- where jemalloc is installed -------------------------------------------------------------
+# --- where the libraries are installed -------------------------------------------------------
 
 
-@pytest.mark.skipif(allocator.find_library("jemalloc") is None, reason="libjemalloc is not installed")
-def test_a_preloaded_process_runs_with_jemalloc():
-    _, updates, _ = allocator.select("jemalloc", {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+@pytest.mark.parametrize("name", ["tcmalloc", "jemalloc"])
+def test_a_preloaded_process_runs_with_the_allocator(name):
+    if allocator.find_library(name) is None:
+        pytest.skip(f"lib{name} is not installed")
+    _, updates, _ = allocator.select(name, {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
     code = "from shardtune.allocator import loaded; print(loaded())"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **updates}, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "jemalloc"
+    assert out.stdout.strip() == name
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LD_PRELOAD": ""}, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "system"

@@ -155,10 +155,10 @@ def test_bench_runs_ours_with_the_allocator_the_launcher_picks(tmp_path, monkeyp
 
     monkeypatch.setattr(allocator, "find_library", lambda name, env: f"/opt/lib{name}.so")
     settings = bench_settings(tmp_path)
-    assert benchlib.allocator_env(settings)[0] == "jemalloc"  # auto, CPU ranks
+    assert benchlib.allocator_env(settings)[0] == "tcmalloc"  # auto, CPU ranks
     assert benchlib.allocator_env(settings, "glibc") == ("system", {"LD_PRELOAD": ""})
-    name, env = benchlib.allocator_env(settings, "tcmalloc")
-    assert name == "tcmalloc" and env["LD_PRELOAD"] == "/opt/libtcmalloc.so"
+    name, env = benchlib.allocator_env(settings, "jemalloc-10s")
+    assert name == "jemalloc" and env["LD_PRELOAD"] == "/opt/libjemalloc.so" and "dirty_decay_ms:10000" in env["MALLOC_CONF"]
 
 
 def test_the_no_sharding_baseline_asks_the_reference_for_plain_data_parallel(tmp_path):

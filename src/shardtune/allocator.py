@@ -2,14 +2,17 @@
 
 On CPU ranks the weights and FSDP's per-layer gathers live in host memory: every step gathers
 each layer's weights and frees them again, between smaller blocks that stay alive. glibc's
-malloc keeps most of that freed memory in a fragmented heap, so a rank's resident set grows
-well past its live tensors. jemalloc returns such memory to the system (in the background,
-after a short decay time), so the launcher preloads it (LD_PRELOAD) into `accelerate launch`
-and, through it, into every rank.
+malloc keeps most of that freed memory in a fragmented heap that grows from step to step, so
+a rank's resident set grows well past its live tensors. tcmalloc reuses that memory instead
+(a rank holds less, and touches fewer fresh pages than with glibc), so the launcher preloads
+it (LD_PRELOAD) into `accelerate launch` and, through it, into every rank. jemalloc with a
+decay time returns freed memory to the system and so holds the least between steps, but
+every step then maps and zeroes those pages again: it costs throughput (BENCHMARKS.md,
+figure 3), so it is used only when asked for.
 
-- `auto`: on CPU ranks, jemalloc when its library is found, else tcmalloc, else the system
-  allocator; on GPU nodes (host memory holds little there) the system allocator;
-- `jemalloc`, `tcmalloc`: that one when found, else the system allocator (with a warning);
+- `auto`: on CPU ranks tcmalloc when its library is found, else the system allocator; on GPU
+  nodes (host memory holds little there) the system allocator;
+- `tcmalloc`, `jemalloc`: that one when found, else the system allocator (with a warning);
 - `system`: the C library's malloc, nothing preloaded.
 
 The choice and the reason are logged by the launcher; training logs the allocator it really
@@ -21,10 +24,10 @@ import sys
 from pathlib import Path
 
 CHOICES = ("auto", "jemalloc", "tcmalloc", "system")
-PREFERENCE = ("jemalloc", "tcmalloc")  # what auto tries, in order
+PREFERENCE = ("tcmalloc",)  # what auto tries, in order
 
-# Library file names, most specific first (Debian/Ubuntu: libjemalloc2, libtcmalloc-minimal4;
-# conda-forge: jemalloc, gperftools).
+# Library file names, most specific first (Debian/Ubuntu packages libtcmalloc-minimal4 or
+# google-perftools, and libjemalloc2).
 LIBRARIES = {
     "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
     "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so"),
@@ -32,15 +35,15 @@ LIBRARIES = {
 
 # Settings read by each allocator at start-up; a value already in the environment wins.
 SETTINGS = {
-    # Freed pages go back to the system from a background thread 1 s after they were last
-    # used (glibc-like reuse within a training step, no build-up across steps).
+    # Freed pages go back to the system from a background thread within about a second
+    # (the least memory held between steps, at the cost of refaulting them in the next one).
     "jemalloc": {"MALLOC_CONF": "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"},
-    "tcmalloc": {},
+    "tcmalloc": {},  # its defaults: freed memory is reused, and released to the system slowly
 }
 
 INSTALL = {
-    "jemalloc": "apt-get install libjemalloc2 (or conda install -c conda-forge jemalloc)",
-    "tcmalloc": "apt-get install libtcmalloc-minimal4 (or conda install -c conda-forge gperftools)",
+    "jemalloc": "apt-get install libjemalloc2",
+    "tcmalloc": "apt-get install libtcmalloc-minimal4",
 }
 
 
