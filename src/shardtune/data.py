@@ -164,7 +164,7 @@ def _parse_json_text(value, field):
 
 def _render_batch(batch, *, fmt, fields, template, template_kwargs, with_spans=True):
     """datasets.map function: one batch of raw rows -> text, assistant char spans, reason."""
-    n = len(batch[ROW_COLUMN])
+    n = len(batch[next(iter(fields.values()))])
     texts, spans, reasons = [""] * n, [[] for _ in range(n)], [""] * n
     if fmt == "text":
         for i, value in enumerate(batch[fields["text"]]):
@@ -324,9 +324,11 @@ def _prepare_rows(ds, lo, hi, *, render, tokenizer, add_special_tokens, assistan
     start = time.perf_counter()
     texts, spans, rows, bad = [], [], [], []
     for begin in range(lo, hi, RENDER_BATCH):
-        batch = ds[begin : min(begin + RENDER_BATCH, hi)]
+        end = min(begin + RENDER_BATCH, hi)
+        batch = ds[begin:end]
         out = _render_batch(batch, **render)
-        for i, (row, text, span, reason) in enumerate(zip(batch[ROW_COLUMN], out["text"], out["spans"], out["reason"])):
+        numbers = batch[ROW_COLUMN] if ROW_COLUMN in batch else range(begin, end)  # source rows
+        for i, (row, text, span, reason) in enumerate(zip(numbers, out["text"], out["spans"], out["reason"])):
             if reason:
                 bad.append((begin + i, row, reason))
             else:
@@ -435,13 +437,9 @@ def _fingerprint(table):
 
 def _gather(ids, labels, starts, lengths, order):
     """The tokens of sequences `order` (each `lengths[i]` tokens from `starts[i]`), back to back."""
-    seq_lengths = lengths[order]
-    index = np.int32 if len(ids) < 2**31 else np.int64
-    # Each token's position: its sequence's start, repeated over its tokens, + 0, 1, 2, ...
-    where = np.repeat((starts[order] - (np.cumsum(seq_lengths) - seq_lengths)).astype(index), seq_lengths)
-    where += np.arange(len(where), dtype=index)
-    out = ids[where]
-    return out, (out if labels is ids else labels[where])
+    spans = list(zip(starts[order].tolist(), (starts[order] + lengths[order]).tolist()))
+    out = np.concatenate([ids[a:b] for a, b in spans]) if spans else ids[:0]
+    return out, (out if labels is ids else np.concatenate([labels[a:b] for a, b in spans]) if spans else labels[:0])
 
 
 def _packed_table(ids, labels, lengths, max_len, starts=None):
@@ -543,9 +541,9 @@ def prepare_split(ds, split, cfg, tokenizer, *, report, num_proc=1, log=print):
             "assistant output with {% generation %}; use chatml, zephyr or a Jinja file with "
             "{% generation %} blocks, or set data.assistant_only_loss: false"
         )
-    if ROW_COLUMN not in ds.column_names:
-        ds = ds.add_column(ROW_COLUMN, list(range(len(ds))))
-    ds = ds.select_columns(list(dict.fromkeys([*fields.values(), ROW_COLUMN]))).with_format(None)
+    # Without a source row column, rows are numbered by position.
+    keep = [*fields.values(), *([ROW_COLUMN] if ROW_COLUMN in ds.column_names else [])]
+    ds = ds.select_columns(list(dict.fromkeys(keep))).with_format(None)
 
     clock = _Clock()
     workers = max(1, min(num_proc, len(ds) // WORKER_MIN_ROWS))
