@@ -111,8 +111,60 @@ def mmap_threshold_while_loading():
     train.SFTTrainer = LoadSFTTrainer
 
 
+def release_weight_pages():
+    """Proposed fix: once FSDP has copied a module's shard of its weights, drop the pages of the
+    memory-mapped safetensors file those weights were read from out of this process (madvise
+    MADV_DONTNEED: the pages stay in the page cache, shared, and are read back from the file if
+    touched again), so that while the rest of the model is wrapped a rank does not hold both its
+    shards and the file pages it read them from. Only pages of the *.safetensors mappings under
+    the module's original parameters are touched (torch maps the file private and writable:
+    pages written since loading would be lost, which is safe only because FSDP has replaced
+    those parameters by their copied shards)."""
+    import ctypes
+    import mmap
+
+    import torch.distributed.fsdp as fsdp
+    from torch.distributed.tensor import DTensor
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    MADV_DONTNEED, page = 4, mmap.PAGESIZE
+
+    def weight_file_ranges():
+        ranges = []
+        for line in open("/proc/self/maps"):
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+        return ranges
+
+    original = fsdp.fully_shard
+
+    def fully_shard(module, *args, **kwargs):
+        modules = module if isinstance(module, (list, tuple)) else [module]
+        storages = {
+            (p.untyped_storage().data_ptr(), p.untyped_storage().nbytes())
+            for m in modules
+            for p in m.parameters()
+            if not isinstance(p, DTensor)  # already sharded by an inner call
+        }
+        result = original(module, *args, **kwargs)
+        files = weight_file_ranges()
+        for ptr, size in storages:
+            start, end = -(-ptr // page) * page, (ptr + size) // page * page  # whole pages inside
+            for low, high in files:
+                lo, hi = max(start, low), min(end, high)
+                if hi > lo:
+                    libc.madvise(lo, hi - lo, MADV_DONTNEED)
+        return result
+
+    fsdp.fully_shard = fully_shard
+
+
 FIXES = {
     "flattened-batches": flattened_batches,
+    "release-weight-pages": release_weight_pages,
     "malloc-trim": malloc_trim,
     "mmap-threshold": mmap_threshold,
     "mmap-threshold-while-loading": mmap_threshold_while_loading,

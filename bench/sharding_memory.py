@@ -12,6 +12,9 @@ Runs (2 CPU ranks each, same model, data, batch and LoRA):
   (32 MiB) from train begin (the training steps then allocate as they do today);
 - ours-mmap-threshold-4m: a fixed 4 MiB threshold (weight matrices mapped, most activations
   from the heap);
+- ours-release-weight-pages: ours + a proposed fix, the pages of the memory-mapped weights
+  file dropped from the rank once each module is sharded (madvise), so that wrapping does not
+  hold them and the shards together;
 - ours-malloc-trim: ours + malloc_trim(0) at train begin (does not give that memory back);
 - ours-no-shard-setting: shardtune with fsdp.sharding_strategy NO_SHARD (under FSDP2 it only
   turned off resharding after forward; the config now refuses it, and the run is skipped);
@@ -38,7 +41,7 @@ from pathlib import Path
 
 import benchlib as bl
 
-PATHS = ["ours", *(f"ours-{v}" for v in bl.ALLOCATOR_VARIANTS), "ours-mmap-threshold", "ours-mmap-threshold-while-loading", "ours-mmap-threshold-4m", "ours-malloc-trim", "ours-no-shard-setting", "reference-fsdp", "reference-ddp"]
+PATHS = ["ours", *(f"ours-{v}" for v in bl.ALLOCATOR_VARIANTS), "ours-mmap-threshold", "ours-mmap-threshold-while-loading", "ours-mmap-threshold-4m", "ours-malloc-trim", "ours-release-weight-pages", "ours-no-shard-setting", "reference-fsdp", "reference-ddp"]
 
 
 def parse_args(argv=None):
@@ -92,7 +95,7 @@ def main(argv=None):
             variant = path[len("ours-"):] if path.startswith("ours-") else None
             fix = variant if variant not in bl.ALLOCATOR_VARIANTS and variant != "no-shard-setting" else None
             # ours runs with the allocator shardtune.launch picks, unless the path names one
-            if fix:  # the glibc fixes run on glibc
+            if fix and fix != "release-weight-pages":  # the glibc fixes run on glibc
                 variant = "glibc"
             allocator, env = bl.allocator_env(chosen, variant if variant in bl.ALLOCATOR_VARIANTS else None)
             launch = bl.ours_args(settings_json, fx, run_dir, timer, fix=fix, reset_peak=True)
