@@ -437,24 +437,20 @@ def _fingerprint(table):
 
 def _gather(ids, labels, starts, lengths, order):
     """The tokens of sequences `order` (each `lengths[i]` tokens from `starts[i]`), back to back."""
+    if len(order) == 0:
+        return ids[:0], labels[:0]
     spans = list(zip(starts[order].tolist(), (starts[order] + lengths[order]).tolist()))
-    out = np.concatenate([ids[a:b] for a, b in spans]) if spans else ids[:0]
-    return out, (out if labels is ids else np.concatenate([labels[a:b] for a, b in spans]) if spans else labels[:0])
+    out = np.concatenate([ids[a:b] for a, b in spans])
+    if labels is ids:  # full-text loss: labels are the ids
+        return out, out
+    return out, np.concatenate([labels[a:b] for a, b in spans])
 
 
-def _packed_table(ids, labels, lengths, max_len, starts=None):
-    """input_ids, labels and seq_lengths packed into rows of at most max_len tokens: the table
-    TRL's pack_dataset(..., strategy="bfd") returns for these sequences, built with numpy.
-    Sequence i is `lengths[i]` tokens from `starts[i]` (default: back to back) in ids/labels."""
-    if starts is None:
-        starts = np.cumsum(lengths) - lengths
-    keep = lengths > 0  # as TRL: empty sequences are dropped
-    lengths, starts = lengths[keep], starts[keep]
-    order, per_bin = _pack_bfd(lengths, max_len)
-    ids, labels = _gather(ids, labels, starts, lengths, order)
-    seq_lengths = lengths[order]
-    bin_ends = np.cumsum(per_bin)
-    row_offsets = np.concatenate([[0], np.cumsum(seq_lengths)[bin_ends - 1]])
+def _rows_table(ids, labels, seq_lengths, per_row):
+    """input_ids, labels and seq_lengths as Arrow rows: row i holds the next `per_row[i]`
+    sequences of `seq_lengths`, whose tokens lie back to back in ids/labels."""
+    row_ends = np.cumsum(per_row)
+    row_offsets = np.concatenate([[0], np.cumsum(seq_lengths)[row_ends - 1]])
     list_type = pa.ListArray if len(ids) < 2**31 else pa.LargeListArray
     offset_type = pa.int32() if list_type is pa.ListArray else pa.int64()
     offsets = pa.array(row_offsets, type=offset_type)
@@ -463,10 +459,22 @@ def _packed_table(ids, labels, lengths, max_len, starts=None):
             "input_ids": list_type.from_arrays(offsets, pa.array(ids)),
             "labels": list_type.from_arrays(offsets, pa.array(labels)),
             "seq_lengths": pa.ListArray.from_arrays(
-                pa.array(np.concatenate([[0], bin_ends]), type=pa.int32()), pa.array(seq_lengths, type=offset_type)
+                pa.array(np.concatenate([[0], row_ends]), type=pa.int32()), pa.array(seq_lengths, type=offset_type)
             ),
         }
     )
+
+
+def _packed_table(ids, labels, lengths, max_len, starts=None):
+    """The table TRL's pack_dataset(..., strategy="bfd") returns for these sequences, built
+    with numpy. Sequence i is `lengths[i]` tokens from `starts[i]` (default: back to back)."""
+    if starts is None:
+        starts = np.cumsum(lengths) - lengths
+    keep = lengths > 0  # as TRL: empty sequences are dropped
+    lengths, starts = lengths[keep], starts[keep]
+    order, per_bin = _pack_bfd(lengths, max_len)
+    ids, labels = _gather(ids, labels, starts, lengths, order)
+    return _rows_table(ids, labels, lengths[order], per_bin)
 
 
 # --- per split -----------------------------------------------------------------------------
@@ -640,18 +648,7 @@ def prepare_split(ds, split, cfg, tokenizer, *, report, num_proc=1, log=print):
     else:
         if not contiguous:
             ids, labels = _gather(ids, labels, starts, lengths, np.arange(len(lengths)))
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        list_type = pa.ListArray if offsets[-1] < 2**31 else pa.LargeListArray
-        offsets = pa.array(offsets, type=pa.int32() if list_type is pa.ListArray else pa.int64())
-        table = pa.table(
-            {
-                "input_ids": list_type.from_arrays(offsets, pa.array(ids)),
-                "labels": list_type.from_arrays(offsets, pa.array(labels)),
-                "seq_lengths": pa.ListArray.from_arrays(
-                    pa.array(np.arange(len(lengths) + 1), type=pa.int32()), pa.array(lengths, type=pa.int32())
-                ),
-            }
-        )
+        table = _rows_table(ids, labels, lengths, np.ones(len(lengths), dtype=np.int64))  # one per row
     del ids, labels
     final = datasets.Dataset(table, fingerprint=_fingerprint(table))
     clock.lap("pack")
