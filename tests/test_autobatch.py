@@ -224,6 +224,9 @@ def test_the_training_fingerprint_includes_the_resolved_batch(shape):
     four = train.fingerprint(autobatch.apply_resolved(s, values(4)), "data")
     assert two != four
     assert two == train.fingerprint(autobatch.apply_resolved(s, values(2)), "data")
+    # the same batch, given as numbers instead of auto: checkpoints stay resumable
+    fixed = {**s, "training": {**s["training"], "per_device_effective_batch_size": None}}
+    assert two == train.fingerprint(autobatch.apply_resolved(fixed, values(2)), "data")
 
 
 def test_the_model_card_and_run_record_show_the_resolved_values(tmp_path):

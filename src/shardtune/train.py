@@ -151,8 +151,10 @@ class CsvLog(TrainerCallback):
 def fingerprint(settings, data_dir):
     """What a checkpoint depends on: resuming from one with another fingerprint is refused."""
     relevant = {k: settings[k] for k in ("model", "data", "lora", "quantization", "training")}
-    # the C allocator changes memory use, not what is computed
-    relevant["training"] = {k: v for k, v in settings["training"].items() if k != "allocator"}
+    # the C allocator changes memory use, not what is computed; the effective batch is the
+    # (resolved) batch x accumulation, which are in
+    derived = ("allocator", "per_device_effective_batch_size")
+    relevant["training"] = {k: v for k, v in settings["training"].items() if k not in derived}
     relevant["fsdp"] = {k: v for k, v in settings["fsdp"].items() if k not in ("machine_rank", "main_process_ip")}
     relevant["data_dir"] = Path(data_dir).name
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
