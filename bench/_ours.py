@@ -15,14 +15,20 @@ import shardtune.train as train  # applies the CPU FSDP shim before Accelerate's
 from benchlib import step_timer
 
 
-def add_timer(path, reset_peak):
+def add_callback(callback, first=False):
+    """Give every SFTTrainer that shardtune.train builds one more callback (first or last)."""
     base = train.SFTTrainer
 
-    class TimedSFTTrainer(base):
+    class PatchedSFTTrainer(base):
         def __init__(self, *args, callbacks=None, **kwargs):
-            super().__init__(*args, callbacks=[*(callbacks or []), step_timer(path, reset_peak)], **kwargs)
+            callbacks = list(callbacks or [])
+            super().__init__(*args, callbacks=[callback, *callbacks] if first else [*callbacks, callback], **kwargs)
 
-    train.SFTTrainer = TimedSFTTrainer
+    train.SFTTrainer = PatchedSFTTrainer
+
+
+def add_timer(path, reset_peak):
+    add_callback(step_timer(path, reset_peak))
 
 
 def flattened_batches():
@@ -49,13 +55,7 @@ def malloc_trim():
         def on_train_begin(self, args, state, control, **kwargs):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
-    base = train.SFTTrainer
-
-    class TrimSFTTrainer(base):
-        def __init__(self, *args, callbacks=None, **kwargs):
-            super().__init__(*args, callbacks=[Trim(), *(callbacks or [])], **kwargs)
-
-    train.SFTTrainer = TrimSFTTrainer
+    add_callback(Trim(), first=True)
 
 
 def mmap_threshold():
@@ -102,13 +102,7 @@ def mmap_threshold_while_loading():
         def on_train_begin(self, args, state, control, **kwargs):
             self.raised = False
 
-    base = train.SFTTrainer
-
-    class LoadSFTTrainer(base):
-        def __init__(self, *args, callbacks=None, **kwargs):
-            super().__init__(*args, callbacks=[Raise(), *(callbacks or [])], **kwargs)
-
-    train.SFTTrainer = LoadSFTTrainer
+    add_callback(Raise(), first=True)
 
 
 def release_weight_pages():
