@@ -261,4 +261,8 @@ def test_a_gpu_run_is_estimated_for_the_gpus_its_training_job_asks_for(model_fil
     s = auto(rows=8, device_gib=40)
     report = preflight(model_dir, accelerate, s, tmp_path / "memory.json", log=lambda *a: None, gpus_planned=4)
     assert report["world_size"] == 4
-    assert preflight(model_dir, accelerate, s, tmp_path / "memory.json", log=lambda *a: None)["world_size"] == WORLD
+    # and accounted as GPU ranks (CUDA context and caching allocator), not as this node's CPU ranks
+    assert report["on_cuda"] and report["cpu_allocator"] is None
+    assert report["device_gib"] > report["device_allocated_gib"] * 1.2
+    local = preflight(model_dir, accelerate, s, tmp_path / "memory.json", log=lambda *a: None)
+    assert local["world_size"] == WORLD and not local["on_cuda"]

@@ -65,7 +65,7 @@ def candidates(settings):
             }
 
 
-def pick_setting(shape, settings, world_size, budget_gib, tried=None):
+def pick_setting(shape, settings, world_size, budget_gib, tried=None, gpus_planned=0):
     """The first of `candidates(settings)` whose estimate fits `budget_gib` per device.
 
     Returns the training values with estimate_gib and budget_gib, or None when nothing fits
@@ -75,7 +75,7 @@ def pick_setting(shape, settings, world_size, budget_gib, tried=None):
     from .memory import estimate
 
     for values in candidates(settings):
-        gib = estimate(shape, with_resolved(settings, values), world_size)["device_gib"]
+        gib = estimate(shape, with_resolved(settings, values), world_size, gpus_planned)["device_gib"]
         if tried is not None:
             tried.append({**values, "estimate_gib": gib})
         if gib <= budget_gib:
@@ -122,7 +122,7 @@ def resolve(shape, settings, world_size, gpus_planned=0, log=print, cuda=None):
         return {**{k: t[k] for k in KEYS}, "auto": []}
     budget, source = device_budget(m, world_size, settings["fsdp"]["num_machines"], gpus_planned, cuda=cuda)
     tried = []
-    picked = pick_setting(shape, settings, world_size, budget, tried)
+    picked = pick_setting(shape, settings, world_size, budget, tried, gpus_planned)
     log(f"{' and '.join(auto)}: auto, budget {budget:.2f} GiB per device ({source}), {rows_per_step(t)} rows per device per optimizer step")
     if t["per_device_train_batch_size"] == AUTO and t["gradient_accumulation_steps"] != 1:
         log(f"  gradient_accumulation_steps {t['gradient_accumulation_steps']} of the config is replaced by the one chosen below")

@@ -114,10 +114,11 @@ def model_shape(model_dir_or_config, lora):
     }
 
 
-def _trains_on_cuda(settings):
+def _trains_on_cuda(settings, gpus_planned=0):
     """Whether the ranks will train on GPUs: flash attention needs one, the training job asks
-    for GPUs, or (a local run) this machine has one, as train.py decides."""
-    if settings["model"]["attn_implementation"] == "flash_attention_2":
+    for GPUs (`gpus_planned`, or resources.fsdp_train in `settings`), or (a local run) this
+    machine has one, as train.py decides."""
+    if gpus_planned or settings["model"]["attn_implementation"] == "flash_attention_2":
         return True
     job = (settings.get("resources") or {}).get("fsdp_train")
     if job:
@@ -204,11 +205,11 @@ def _attention_scores(shape, settings, act, rows, row_len):
     return scores * (4 + (act if act < 4 else 0)), scores * (act + 4 + (4 if act < 4 else 0))
 
 
-def _estimate(shape, settings, world_size, flattened=None):
+def _estimate(shape, settings, world_size, flattened=None, gpus_planned=0):
     """estimate(); `flattened` overrides the batch layout for sdpa/eager (True: one padding-free
     sequence of batch x L tokens, as TRL's padding-free collator makes; the reference recipe)."""
     q, f, t, d = settings["quantization"], settings["fsdp"], settings["training"], settings["data"]
-    cuda = _trains_on_cuda(settings)
+    cuda = _trains_on_cuda(settings, gpus_planned)
     mixed = f["mixed_precision"] if t["bf16"] is None else ("bf16" if t["bf16"] else f["mixed_precision"])
     if mixed in ("bf16", "fp16"):
         act = 2  # autocast's dtype
@@ -372,9 +373,10 @@ def _estimate(shape, settings, world_size, flattened=None):
     }
 
 
-def estimate(shape, settings, world_size):
-    """Per-device and CPU bytes for one training process of `world_size`."""
-    return _estimate(shape, settings, world_size)
+def estimate(shape, settings, world_size, gpus_planned=0):
+    """Per-device and CPU bytes for one training process of `world_size`; `gpus_planned`: GPUs
+    per node the training job asks for, when this step may run on a node without them."""
+    return _estimate(shape, settings, world_size, gpus_planned=gpus_planned)
 
 
 # The estimate follows measured peaks and the guide's figures within about 15% either way
@@ -445,7 +447,7 @@ def preflight(model_dir, accelerate_yaml, settings, out_json, log=print, gpus_pl
         world_size = resolve_num_processes(settings["fsdp"], gpus_planned)
     shape = model_shape(model_path(model_dir), settings["lora"])
     resolved = resolve(shape, settings, world_size, gpus_planned, log=log)
-    report = estimate(shape, with_resolved(settings, resolved), world_size)
+    report = estimate(shape, with_resolved(settings, resolved), world_size, gpus_planned)
     log(format_report(report))
     m = settings["memory"]
     device_gib = resolved["budget_gib"] if resolved["auto"] else m["device_gib"]
