@@ -23,13 +23,14 @@ term depends on a library's behaviour, its comment says which. In short:
   allocator, and its first step also holds the unpinned shards those were copied from; FSDP2
   pins parameter by parameter, with gradient shards for the adapters only.
 
-The allocated total is scaled by the caching allocator's reserve (GPU: a judgement, 1.2) or by
-the C allocator's measured retention of freed memory (CPU ranks: glibc or jemalloc, as
-training.allocator resolves), and the CUDA context or a CPU rank's libraries are added; on CPU
-ranks the CPU estimate is the ranks' memory. `device_load_gib` reports a QLoRA model's load,
-whole on each GPU before FSDP shards it. BENCHMARKS.md ("Memory estimator accuracy") compares
-the estimate with the source guide's figures and with measured CPU runs, and lists what it
-does not explain.
+On a GPU, what is allocated and freed every step is scaled by the caching allocator's reserve
+(1.5, fitted to the guide's figures) and what lives for the whole run is not; on CPU ranks the
+allocated total is scaled by the C allocator's measured retention of freed memory (as
+training.allocator resolves). The CUDA context or a CPU rank's libraries are added; on CPU
+ranks the CPU estimate is the ranks' memory. `device_load_gib` is a QLoRA model's load, whole
+on each GPU before FSDP shards it, and is checked like the training peak. BENCHMARKS.md
+("Memory estimator accuracy") compares the estimate with the source guide's figures and with
+measured CPU runs, and lists what it does not explain.
 """
 
 
@@ -39,12 +40,15 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 GIB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}
-# PyTorch's CUDA caching allocator: reserved / allocated under FSDP's per-layer gather and free
-# (blocks cached per stream, rounded up, split and fragmented by activations of other sizes).
-# A judgement, not measured here (no GPU): it was first set against the guide's figures with the
-# older counts; after the counts were corrected the guide's figures do not call for another
-# value, so it stays (BENCHMARKS.md, "Memory estimator accuracy").
-ALLOCATOR_OVERHEAD = 1.2
+# PyTorch's CUDA caching allocator, reserved over allocated. What lives for the whole run (the
+# sharded base weights, QLoRA's constants, the adapters' states) is allocated once, before any
+# transient, in segments of its own, and costs nothing more. What is allocated and freed in each
+# step (gathered layers, checkpoints, activations, working sets) is cached per stream and rounded,
+# and the checkpoints that forward keeps pin splits of segments that the layers' transients
+# were cut from (the fragmentation expandable segments were made for), so the reserve grows
+# with it. Not measured here (no GPU): fitted to the guide's three per-GPU figures, which no
+# single factor on the whole allocation fits (BENCHMARKS.md, "Memory estimator accuracy").
+CUDA_TRANSIENT_RESERVE = 1.5
 CONTEXT_GIB = 1.0  # CUDA context, NCCL buffers, cuBLAS workspace, kernels: on each GPU
 # A CPU rank's resident memory over its live memory, by the C allocator it runs with
 # (training.allocator), measured on the small model (BENCHMARKS.md, "Memory estimator
@@ -57,6 +61,10 @@ CPU_ALLOCATOR_RETENTION = {"system": 1.65, "jemalloc": 1.0, "tcmalloc": 1.3}
 CPU_RANK_LIBRARIES_GIB = 0.55  # interpreter, torch, transformers, datasets of one CPU rank (measured)
 GPU_RANK_HOST_GIB = 2.0  # host memory of one GPU rank: CUDA runtime, cuBLAS/cuDNN/NCCL, interpreter
 TILE_TOKENS, TILE_VOCAB = 4096, 32768  # TRL's fused LM head: logits tile of tokens x vocabulary
+
+
+# device terms allocated once for the whole run (the rest is allocated and freed every step)
+PERSISTENT_TERMS = ("base_weights", "quant_state", "lora_states")
 
 
 def _is_target(name, module, lora):
@@ -302,13 +310,14 @@ def _estimate(shape, settings, world_size, flattened=None, gpus_planned=0):
     peak_phase = "layer_working_set" if layer_phase >= loss_phase else "logits"
     allocated = sum(v for k, v in device.items() if k not in ("layer_working_set", "logits")) + device[peak_phase]
     if cuda:
-        device_total = allocated * ALLOCATOR_OVERHEAD + CONTEXT_GIB * GIB
+        persistent = sum(device[k] for k in PERSISTENT_TERMS)
+        device_total = persistent + (allocated - persistent) * CUDA_TRANSIENT_RESERVE + CONTEXT_GIB * GIB
     else:
         retention = CPU_ALLOCATOR_RETENTION.get(_cpu_allocator(settings), CPU_ALLOCATOR_RETENTION["system"])
         device_total = allocated * retention + CPU_RANK_LIBRARIES_GIB * GIB
     # QLoRA while loading (transformers 5): without a device_map the bitsandbytes quantizer puts
     # the whole quantized model on each rank's GPU before FSDP shards it
-    load_device = (base + quant_state) * ALLOCATOR_OVERHEAD + CONTEXT_GIB * GIB if q["load_in_4bit"] and cuda else 0
+    load_device = base + quant_state + CONTEXT_GIB * GIB if q["load_in_4bit"] and cuda else 0
 
     per_machine = max(1, world_size // f["num_machines"])
     offloaded = unpinned = optimizer = 0
@@ -383,6 +392,9 @@ def estimate(shape, settings, world_size, gpus_planned=0):
 # (BENCHMARKS.md), so a run estimated a little above its budget may well fit (the guide's own
 # 70B LoRA run is estimated at 81.5 GiB for 80 GB cards): warn up to this margin, refuse beyond.
 ESTIMATE_TOLERANCE = 0.15
+TRAINING_ADVICE = "lower the batch size, enable gradient_checkpointing or fsdp.offload_params, add devices"
+# transformers 5 quantizes onto each rank's GPU (no device_map), so more GPUs do not help here
+LOADING_ADVICE = "the 4-bit model loads whole onto each GPU before FSDP shards it: use GPUs that hold it, or a smaller model"
 
 
 def check_fits(report, device_gib, cpu_gib, force):
@@ -390,17 +402,25 @@ def check_fits(report, device_gib, cpu_gib, force):
     more than ESTIMATE_TOLERANCE above it."""
     from .config import ConfigError
 
-    over, refuse = [], False
-    for need, have, what in ((report["device_gib"], device_gib, "per device"), (report["cpu_gib"], cpu_gib, "of CPU memory")):
+    over, refuse, advice = [], False, []
+    checks = (
+        (report["device_gib"], device_gib, "per device", TRAINING_ADVICE),
+        (report.get("device_load_gib", 0), device_gib, "per device while loading", LOADING_ADVICE),
+        (report["cpu_gib"], cpu_gib, "of CPU memory", TRAINING_ADVICE),
+    )
+    for need, have, what, remedy in checks:
         if have and need > have:
             over.append(f"needs ~{need:.1f} GiB {what}, {have:.1f} GiB declared")
-            refuse |= need > have * (1 + ESTIMATE_TOLERANCE)
+            if need > have * (1 + ESTIMATE_TOLERANCE):
+                refuse = True
+                advice += [remedy] if remedy not in advice else []
     if refuse and not force:
         raise ConfigError(
             "config error at 'memory': the run will not fit: "
             + "; ".join(over)
-            + f" (more than the estimate's {ESTIMATE_TOLERANCE:.0%} tolerance; lower the batch size, enable "
-            "gradient_checkpointing or fsdp.offload_params, add devices, or set memory.force: true)"
+            + f" (more than the estimate's {ESTIMATE_TOLERANCE:.0%} tolerance; "
+            + "; ".join(advice)
+            + ", or set memory.force: true)"
         )
     return over
 
@@ -422,7 +442,7 @@ def format_report(report):
     if report.get("device_load_gib", 0) > report["device_gib"]:
         lines.append(
             f"  per device while loading: {report['device_load_gib']:.2f} GiB "
-            "(the 4-bit model whole on each GPU before FSDP shards it; not checked)"
+            "(the 4-bit model whole on each GPU before FSDP shards it)"
         )
     phase = f" (peak: {report['cpu_peak_phase'].replace('_', ' ')})" if "cpu_peak_phase" in report else ""
     lines.append(f"  CPU: {report['cpu_gib']:.2f} GiB{phase}")
