@@ -115,16 +115,21 @@ def main(argv=None):
             shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.mkdir(parents=True)
             timer = run_dir / "timer.json"
+            # each with the C allocator its launcher gives it: shardtune's training.allocator
+            # (what the estimate planned for), the recipe's plain accelerate launch glibc
             if path == "ours":
                 launch = bl.ours_args(ours_json, fx, run_dir, timer, memory_json=memory_json)
+                allocator, env = bl.allocator_env(ours)
             else:
                 launch = bl.reference_args(fx, recipe, run_dir, timer)
+                allocator, env = "system", {"LD_PRELOAD": ""}
             load = bl.load_average()
-            wall = bl.launch(accelerate_yaml, launch, run_dir / "log.txt")
+            wall = bl.launch(accelerate_yaml, launch, run_dir / "log.txt", env=env)
             bl.record_run(run_dir, ours_json if path == "ours" else recipe_json, fx, path)
             records = bl.read_timer(timer, 2)
             result = {
                 "path": path,
+                "allocator": allocator,
                 "round": round_,
                 "load_before": load,
                 "wall_s": wall,
@@ -132,7 +137,7 @@ def main(argv=None):
                 **bl.throughput(records, args.warmup),
             }
             runs.append(result)
-            print(f"{path:10s} round {round_}: {result['tokens_per_s']:7.0f} tokens/s, "
+            print(f"{path:10s} round {round_} [{allocator}]: {result['tokens_per_s']:7.0f} tokens/s, "
                   f"{result['tokens_per_cpu_s']:5.0f} tokens/CPU-s, {result['s_per_step']:.1f} s/step, "
                   f"peak {max(result['peak_gib_per_rank']):.2f} GiB/rank, load {load}", flush=True)
 

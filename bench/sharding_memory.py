@@ -3,7 +3,7 @@ whose weights dominate memory (LoRA on a ~0.75B-parameter fp32 base, short seque
 
 Runs (2 CPU ranks each, same model, data, batch and LoRA):
 - ours: shardtune's training path, FSDP2 FULL_SHARD (the default), with the C allocator
-  shardtune.launch picks (training.allocator: auto = jemalloc on CPU ranks where installed);
+  shardtune.launch picks (training.allocator: auto = tcmalloc on CPU ranks where installed);
 - ours-glibc, ours-jemalloc, ours-tcmalloc, ...: ours with that allocator (LD_PRELOAD) and
   settings (benchlib.ALLOCATOR_VARIANTS); the glibc fixes below run on glibc;
 - ours-mmap-threshold: ours + a proposed fix, a fixed glibc mmap threshold so that the memory

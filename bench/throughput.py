@@ -31,6 +31,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", choices=sorted(bl.MODEL_SPECS), help="model shape (benchlib.MODEL_SPECS)")
     p.add_argument("--batch", type=int, default=2, help="per-device batch size (packed rows)")
+    p.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per run, warm-up included")
     p.add_argument("--warmup", type=int, default=2, help="optimizer steps not timed")
@@ -69,7 +70,10 @@ def main(argv=None):
     args = parse_args(argv)
     work = args.work
     fx = bl.fixtures(work, args.model, args.conversations, args.max_seq_len)
-    config = bl.run_config(fx["model"], fx["dataset"], args.conversations, args.max_seq_len, args.batch, args.steps)
+    config = bl.run_config(
+        fx["model"], fx["dataset"], args.conversations, args.max_seq_len, args.batch, args.steps,
+        training={"gradient_accumulation_steps": args.accumulation},
+    )
     settings = bl.settings_of(config)
     tag = args.tag or f"throughput-{args.model}-b{args.batch}"
     settings_json = work / tag / "train_settings.json"

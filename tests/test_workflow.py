@@ -33,6 +33,10 @@ def test_training_really_sharded_with_fsdp_on_two_ranks(demo_run):
             # one shard file per rank: plain data parallel would write a single state dict
             assert shards == ["__0_0.distcp", "__1_0.distcp"], (checkpoint, part, shards)
     assert done["checkpoint"] == f"checkpoint-{done['global_step']}"
+    # each rank's peak: the resident set on CPU ranks (libraries alone are ~0.5 GiB); the GPU's
+    # allocated peak is only recorded on GPUs
+    assert len(done["peak_memory_gib_per_rank"]) == 2 and min(done["peak_memory_gib_per_rank"]) > 0.4
+    assert done["peak_allocated_gib_per_rank"] == [None, None]
 
 
 def test_adapter_loads_with_peft_and_reproduces_trained_logits(demo_run):

@@ -171,12 +171,14 @@ def check_device_memory(report, log):
 
 
 def peak_memory_gib():
-    """This process's peak: the GPU's reserved memory, or the resident set on CPU."""
+    """This process's peaks: the GPU's reserved memory (the resident set on CPU), and the GPU
+    memory tensors took (None on CPU); the ratio is the caching allocator's reserve, which the
+    pre-flight estimate can only assume (shardtune.memory.CUDA_TRANSIENT_RESERVE)."""
     import resource
 
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_reserved() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        return torch.cuda.max_memory_reserved() / 2**30, torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, None  # KiB on Linux
 
 
 def probe_batch(test):
@@ -301,7 +303,8 @@ def main(argv=None):
                 "train_loss": result.training_loss,
                 "metrics": result.metrics,
                 "resumed_from": resume.name if resume else None,
-                "peak_memory_gib_per_rank": peaks,
+                "peak_memory_gib_per_rank": [peak for peak, _ in peaks],
+                "peak_allocated_gib_per_rank": [allocated for _, allocated in peaks],  # GPU only
                 "versions": versions(),
                 "fingerprint": stamp,
                 "resolved": report.get("resolved"),  # the batch settings used, `auto` ones resolved
