@@ -390,7 +390,7 @@ def estimate(shape, settings, world_size, gpus_planned=0):
 
 # The estimate follows measured peaks and the guide's figures within about 15% either way
 # (BENCHMARKS.md), so a run estimated a little above its budget may well fit (the guide's own
-# 70B LoRA run is estimated at 81.5 GiB for 80 GB cards): warn up to this margin, refuse beyond.
+# 70B LoRA run is estimated at 85.4 GiB for 80 GB cards): warn up to this margin, refuse beyond.
 ESTIMATE_TOLERANCE = 0.15
 TRAINING_ADVICE = "lower the batch size, enable gradient_checkpointing or fsdp.offload_params, add devices"
 # transformers 5 quantizes onto each rank's GPU (no device_map), so more GPUs do not help here
