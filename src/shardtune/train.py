@@ -311,6 +311,9 @@ def main(argv=None):
             },
         )
     state.wait_for_everyone()
+    # Without this, gloo's worker threads can still hold tensors when the interpreter shuts
+    # down, and a rank aborts (SIGABRT) after a finished run, failing the job
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":
