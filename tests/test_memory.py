@@ -360,3 +360,24 @@ def test_activation_peaks_match_a_measured_forward_and_backward(monkeypatch):
         b = estimate(model_shape(config, settings["lora"]), settings, 1)["device_breakdown_gib"]
         estimated = (b["activations"] + max(b["layer_working_set"], b["logits"])) * GIB
         assert estimated == pytest.approx(measured[f"{attn}-{ckpt}"], rel=0.15), (attn, ckpt, estimated / GIB, measured)
+
+
+def test_training_refuses_a_4bit_load_the_visible_gpu_cannot_hold_before_loading(monkeypatch):
+    """With no memory.device_gib the training job checks the card it sees, before it loads."""
+    import torch
+
+    from shardtune import train
+
+    settings = preset("llama2-70b-qlora-fsdp")
+    report = estimate(model_shape(LLAMA2_70B, settings["lora"]), settings, 2)
+    report["declared"] = {"device_gib": None, "cpu_gib": None, "force": False}
+    card = type("Props", (), {"total_memory": 24 * 10**9})()  # a 24 GB card: 22.35 GiB
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    logged = []
+    with pytest.raises(ConfigError, match=r"needs ~34\.9 GiB per device while loading, 22\.4 GiB declared"):
+        train.check_device_memory(report, logged.append)
+    assert "per device while loading: 34.87 GiB" in "\n".join(logged)
+    card.total_memory = 48 * 10**9
+    train.check_device_memory(report, logged.append)  # a 48 GB card holds it
