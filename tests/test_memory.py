@@ -376,7 +376,7 @@ def test_training_refuses_a_4bit_load_the_visible_gpu_cannot_hold_before_loading
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
     logged = []
-    with pytest.raises(ConfigError, match=r"needs ~34\.9 GiB per device while loading, 22\.4 GiB declared"):
+    with pytest.raises(ConfigError, match=r"needs ~34\.9 GiB per device while loading, 22\.4 GiB on this GPU"):
         train.check_device_memory(report, logged.append)
     assert "per device while loading: 34.87 GiB" in "\n".join(logged)
     card.total_memory = 48 * 10**9

@@ -397,20 +397,20 @@ TRAINING_ADVICE = "lower the batch size, enable gradient_checkpointing or fsdp.o
 LOADING_ADVICE = "the 4-bit model loads whole onto each GPU before FSDP shards it: use GPUs that hold it, or a smaller model"
 
 
-def check_fits(report, device_gib, cpu_gib, force):
-    """What the estimate puts over the declared memory; refuses (unless forced) a run estimated
-    more than ESTIMATE_TOLERANCE above it."""
+def check_fits(report, device_gib, cpu_gib, force, device_source="declared"):
+    """What the estimate puts over the declared memory (`device_source` says where the device
+    figure came from); refuses (unless forced) a run estimated more than ESTIMATE_TOLERANCE above it."""
     from .config import ConfigError
 
     over, refuse, advice = [], False, []
     checks = (
-        (report["device_gib"], device_gib, "per device", TRAINING_ADVICE),
-        (report.get("device_load_gib", 0), device_gib, "per device while loading", LOADING_ADVICE),
-        (report["cpu_gib"], cpu_gib, "of CPU memory", TRAINING_ADVICE),
+        (report["device_gib"], device_gib, "per device", device_source, TRAINING_ADVICE),
+        (report.get("device_load_gib", 0), device_gib, "per device while loading", device_source, LOADING_ADVICE),
+        (report["cpu_gib"], cpu_gib, "of CPU memory", "declared", TRAINING_ADVICE),
     )
-    for need, have, what, remedy in checks:
+    for need, have, what, source, remedy in checks:
         if have and need > have:
-            over.append(f"needs ~{need:.1f} GiB {what}, {have:.1f} GiB declared")
+            over.append(f"needs ~{need:.1f} GiB {what}, {have:.1f} GiB {source}")
             if need > have * (1 + ESTIMATE_TOLERANCE):
                 refuse = True
                 advice += [remedy] if remedy not in advice else []

@@ -166,7 +166,8 @@ def check_device_memory(report, log):
     declared = report["declared"]
     if torch.cuda.is_available() and declared["device_gib"] is None:
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
-        for line in over_budget_warnings(check_fits(report, total, None, declared["force"]), declared["force"]):
+        over = check_fits(report, total, None, declared["force"], device_source="on this GPU")
+        for line in over_budget_warnings(over, declared["force"]):
             log(line)
 
 
