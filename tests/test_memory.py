@@ -233,8 +233,9 @@ def test_a_4bit_model_that_cannot_load_whole_onto_each_gpu_is_refused():
     constants = report["device_breakdown_gib"]["quant_state"]
     assert report["device_load_gib"] == pytest.approx(packed + constants + CONTEXT_GIB)
     assert report["device_gib"] < 22.35  # a 24 GB card: what training needs fits
-    with pytest.raises(ConfigError, match="while loading.*loads whole onto each GPU"):
+    with pytest.raises(ConfigError, match="while loading.*loads whole onto each GPU.*more GPUs do not help") as refused:
         check_fits(report, device_gib=22.35, cpu_gib=None, force=False)
+    assert "batch size" not in str(refused.value)  # training fits: no advice about it
     assert check_fits(report, device_gib=22.35, cpu_gib=None, force=True)  # forced: a warning
     assert check_fits(report, device_gib=report["device_load_gib"], cpu_gib=None, force=False) == []
     # on a 40 GB card it loads

@@ -395,7 +395,10 @@ def estimate(shape, settings, world_size, gpus_planned=0):
 ESTIMATE_TOLERANCE = 0.15
 TRAINING_ADVICE = "lower the batch size, enable gradient_checkpointing or fsdp.offload_params, add devices"
 # transformers 5 quantizes onto each rank's GPU (no device_map), so more GPUs do not help here
-LOADING_ADVICE = "the 4-bit model loads whole onto each GPU before FSDP shards it: use GPUs that hold it, or a smaller model"
+LOADING_ADVICE = (
+    "the 4-bit model loads whole onto each GPU before FSDP shards it, so more GPUs do not help: use GPUs "
+    "that hold it, or a smaller model"
+)
 
 
 def check_fits(report, device_gib, cpu_gib, force, device_source="declared"):
