@@ -78,7 +78,7 @@ def guide_rows():
 
 
 def cpu_rows(work):
-    from shardtune.memory import CPU_RANK_LIBRARIES_GIB, _estimate, model_shape
+    from shardtune.memory import CPU_RANK_LIBRARIES_GIB, estimate, model_shape
 
     rows = []
     for record in sorted(Path(work).rglob("run.json")):
@@ -110,7 +110,7 @@ def cpu_rows(work):
         reference = run.get("path", "ours").startswith("reference")
         # the recipe's script batches through TRL's padding-free collator: one flattened sequence
         # of batch x L tokens, whatever the attention (shardtune keeps [batch, L] rows for sdpa/eager)
-        report = _estimate(model_shape(run["model_files"], settings["lora"]), settings, len(peaks), flattened=reference or None)
+        report = estimate(model_shape(run["model_files"], settings["lora"]), settings, len(peaks), flattened=reference or None)
         variant = run.get("path", "ours")
         # runs with a fixed 128 KiB mmap threshold return freed memory at once: their RSS follows
         # the live memory, compared with the estimate before the C allocator's retention

@@ -16,8 +16,7 @@ from shardtune.memory import (
     GIB,
     PERSISTENT_TERMS,
     _attention_scores,
-    _estimate,
-    _layer_saved_bytes_per_token,
+    _layer_saved_parts,
     _pow2ceil,
     check_fits,
     estimate,
@@ -92,7 +91,7 @@ def test_eager_attention_keeps_probabilities_per_row():
     assert _attention_scores(shape, sdpa, 2, rows, length) == (rows * length**2 * 2, 0)  # sdpa's additive mask
     with_probs = estimate(shape, eager, 8)
     assert with_probs["device_gib"] > estimate(shape, sdpa, 8)["device_gib"] + scores * 6 * 1.2 / GIB
-    flat = _estimate(shape, eager, 8, flattened=True)["device_breakdown_gib"]["layer_working_set"]
+    flat = estimate(shape, eager, 8, flattened=True)["device_breakdown_gib"]["layer_working_set"]
     assert flat > 5 * with_probs["device_breakdown_gib"]["layer_working_set"]  # rows x the probabilities
     # without checkpointing every layer keeps them
     no_ckpt = preset("llama2-70b-lora-fsdp", model={"attn_implementation": "eager"}, training={"gradient_checkpointing": False})
@@ -162,7 +161,7 @@ def test_the_per_layer_activation_count_matches_what_autograd_keeps(attn, mixed,
     model.base_model.model.model.layers = full
     settings = preset("llama2-70b-lora-fsdp", model={"attn_implementation": attn}, training={"bf16": mixed}, fsdp={"mixed_precision": "bf16" if mixed else "no"})
     shape, act = model_shape(config, lora), 2 if mixed else 4
-    counted = length * rows * _layer_saved_bytes_per_token(shape, settings, act, cuda=False)
+    counted = length * rows * sum(_layer_saved_parts(shape, settings, act, cuda=False))
     counted += _attention_scores(shape, settings, act, rows, length)[0]
     # the count is deterministic for given library versions; leaving out eager's probabilities
     # would put it 18% low, sdpa's per-layer mask 6%

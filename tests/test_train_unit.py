@@ -80,3 +80,16 @@ def test_packed_rows_stay_rows_and_apart(attn):
     assert torch.allclose(out.logits[0, 7:], alone[0], atol=1e-5)
     assert not torch.allclose(leaky[0, 7:], alone[0], atol=1e-3)
     assert torch.allclose(out.loss, flat_loss, atol=1e-5)
+
+
+def test_peak_memory_reports_reserved_and_allocated_on_a_gpu(monkeypatch):
+    """On a GPU done.json gets both peaks (their ratio is the caching allocator's reserve that
+    the pre-flight estimate assumes); on CPU the resident set and no allocated figure."""
+    from shardtune.train import peak_memory_gib
+
+    cpu_peak, cpu_allocated = peak_memory_gib()
+    assert cpu_peak > 0.1 and cpu_allocated is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 30 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 20 * 2**30)
+    assert peak_memory_gib() == (30.0, 20.0)

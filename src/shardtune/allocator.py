@@ -75,8 +75,8 @@ def find_library(name, env=None):
 def preloaded(env):
     """The allocator already named in LD_PRELOAD, if any."""
     for entry in env.get("LD_PRELOAD", "").replace(":", " ").split():
-        for name, filenames in LIBRARIES.items():
-            if Path(entry).name in filenames or Path(entry).name.startswith(f"lib{name}"):
+        for name in LIBRARIES:
+            if Path(entry).name.startswith(f"lib{name}"):
                 return name
     return None
 

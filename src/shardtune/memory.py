@@ -191,11 +191,6 @@ def _layer_saved_parts(shape, settings, act, cuda):
     return norm + attention + lora_attention, norm + mlp + lora_mlp
 
 
-def _layer_saved_bytes_per_token(shape, settings, act, cuda):
-    """Bytes autograd keeps per token for the backward of one decoder layer."""
-    return sum(_layer_saved_parts(shape, settings, act, cuda))
-
-
 def _attention_scores(shape, settings, act, rows, row_len):
     """(bytes kept per layer, bytes of the backward's transients) of eager attention's
     probabilities: softmax runs in fp32 and keeps its output for backward; in a 16-bit compute
@@ -214,9 +209,11 @@ def _attention_scores(shape, settings, act, rows, row_len):
     return scores * (4 + (act if act < 4 else 0)), scores * (act + 4 + (4 if act < 4 else 0))
 
 
-def _estimate(shape, settings, world_size, flattened=None, gpus_planned=0):
-    """estimate(); `flattened` overrides the batch layout for sdpa/eager (True: one padding-free
-    sequence of batch x L tokens, as TRL's padding-free collator makes; the reference recipe)."""
+def estimate(shape, settings, world_size, gpus_planned=0, flattened=None):
+    """Per-device and CPU bytes for one training process of `world_size`. `gpus_planned`: GPUs
+    per node the training job asks for, when this step may run on a node without them;
+    `flattened` overrides the batch layout for sdpa/eager (True: one padding-free sequence of
+    batch x L tokens, as TRL's padding-free collator makes; the reference recipe)."""
     q, f, t, d = settings["quantization"], settings["fsdp"], settings["training"], settings["data"]
     cuda = _trains_on_cuda(settings, gpus_planned)
     mixed = f["mixed_precision"] if t["bf16"] is None else ("bf16" if t["bf16"] else f["mixed_precision"])
@@ -381,12 +378,6 @@ def _estimate(shape, settings, world_size, flattened=None, gpus_planned=0):
         "cpu_allocator": None if cuda else _cpu_allocator(settings),
         "shape": shape,
     }
-
-
-def estimate(shape, settings, world_size, gpus_planned=0):
-    """Per-device and CPU bytes for one training process of `world_size`; `gpus_planned`: GPUs
-    per node the training job asks for, when this step may run on a node without them."""
-    return _estimate(shape, settings, world_size, gpus_planned=gpus_planned)
 
 
 # The estimate follows measured peaks and the guide's figures within about 15% either way
