@@ -1,6 +1,6 @@
 """training.allocator: which C allocator the launcher preloads into the training processes.
 The selection is tested with a fake library lookup, so none of this needs jemalloc or
-tcmalloc installed; where jemalloc is installed, one test checks that a preloaded process
+tcmalloc installed; where either is installed, a test checks that a preloaded process
 really maps it."""
 
 import json
