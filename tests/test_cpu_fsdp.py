@@ -2,6 +2,7 @@
 really sharded (FSDP2 DTensor parameters, one shard per rank). If an Accelerate upgrade
 changes either behaviour, these tests fail loudly."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,9 @@ def launch(tmp_path_factory):
             timeout=300,
         )
         assert result.returncode == 0, result.stderr[-3000:]
-        return sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+        # Both ranks share one pipe, and print() may write a line and its newline in two
+        # writes, so lines can interleave: find the records, not the lines.
+        return sorted(re.findall(r"rank \d+: \S+ local_rows=\d+", result.stdout))
 
     return run
 
