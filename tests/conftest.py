@@ -30,9 +30,29 @@ def copy_workflow(dest, config=None):
     return dest
 
 
+# Commands a job must not take from PATH: in a plain shell (no environment activated) they are
+# the machine's, without our packages. Each one on the PATH of the tests fails loudly.
+TRAPPED = ("python", "python3", "accelerate", "torchrun", "snakemake")
+
+
+def plain_shell_env(tmp_root=Path(os.environ.get("TMPDIR", "/tmp"))):
+    """The environment of a user who never activated the venv: its bin/ is not on PATH, and
+    `python` (and the other commands above) on PATH is a Python without torch."""
+    traps = tmp_root / f"shardtune-plain-shell-{os.getuid()}"
+    traps.mkdir(exist_ok=True)
+    for name in TRAPPED:
+        trap = traps / name
+        trap.write_text(f'#!/bin/sh\necho "plain shell: a job ran \'{name}\' from PATH ($0 $*)" >&2\nexit 97\n')
+        trap.chmod(0o755)
+    path = [p for p in os.environ["PATH"].split(os.pathsep) if Path(p).resolve() != BIN.resolve()]
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
+    return {**env, "PATH": os.pathsep.join([str(traps), *path])}
+
+
 def snakemake(workdir, *args, check=True, timeout=900, env=None):
-    """Run the snakemake CLI in `workdir`; returns the CompletedProcess (stdout+stderr merged)."""
-    run_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    """Run the venv's snakemake CLI in `workdir` as a user in a plain shell does (see
+    plain_shell_env); returns the CompletedProcess (stdout+stderr merged)."""
+    run_env = {**plain_shell_env(), **(env or {})}
     result = subprocess.run(
         [str(BIN / "snakemake"), *args],
         cwd=workdir,

@@ -106,7 +106,6 @@ def one_node(tmp_path, monkeypatch):
     config = tmp_path / "accelerate.yaml"
     config.write_text(yaml.safe_dump({"distributed_type": "FSDP", "num_processes": 2, "use_cpu": True}))
     monkeypatch.setattr(launch.tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(launch.os, "execvp", lambda file, args: (_ for _ in ()).throw(SystemExit(0)))
 
     def start(training, gpus, present):
         settings = tmp_path / "train_settings.json"
@@ -115,8 +114,7 @@ def one_node(tmp_path, monkeypatch):
         monkeypatch.setattr(allocator, "find_library", finder(*present))
         env = {}
         argv = ["--config-file", str(config), "--gpus-per-node", str(gpus), "--", "-m", "shardtune.train"]
-        with pytest.raises(SystemExit):
-            launch.main([*argv, "--settings", str(settings)], env)
+        launch.node_command(launch.parse_args([*argv, "--settings", str(settings)]), env, log=lambda message: print(f"launch: {message}"))
         return env
 
     return start

@@ -342,15 +342,15 @@ def test_software_versions_are_installed_versions():
 # --- settings --------------------------------------------------------------------------
 
 
-def test_check_runs_needs_a_repo_per_pushed_run():
+def test_pushed_runs_need_a_repo_per_pushed_run():
     runs = stconfig.resolve_runs({"runs": {"a": {"hub": {"push": True, "repo_id": "org/a"}}, "b": {}}})
-    assert hub.check_runs(runs) == ["a"]
+    assert stconfig.pushed_runs(runs) == ["a"]
     runs = stconfig.resolve_runs({"runs": {"a": {"hub": {"push": True}}}})
     with pytest.raises(stconfig.ConfigError, match="'runs.a.hub.repo_id': hub.push is true but no repo_id"):
-        hub.check_runs(runs)
+        stconfig.pushed_runs(runs)
     runs = stconfig.resolve_runs({"hub": {"push": True, "repo_id": "org/x"}, "runs": {"a": {}, "b": {}}})
     with pytest.raises(stconfig.ConfigError, match="org/x is also the repo of run 'a'"):
-        hub.check_runs(runs)
+        stconfig.pushed_runs(runs)
     with pytest.raises(stconfig.ConfigError, match="hub.repo_id"):
         stconfig.resolve_runs({"hub": {"repo_id": "two/slashes/here"}})
 

@@ -2,6 +2,7 @@
 multi-node allocation, rendered from fake SLURM variables."""
 
 import json
+import sys
 
 import pytest
 import yaml
@@ -97,38 +98,28 @@ def test_first_host_without_scontrol(monkeypatch):
 
 @pytest.fixture
 def job(tmp_path, monkeypatch):
-    """A run's files, a fake 8-GPU CUDA, and execvp recording instead of replacing us."""
+    """A run's files and a fake 8-GPU CUDA."""
     config = tmp_path / "accelerate.yaml"
     config.write_text(yaml.safe_dump(BASE))
     settings = tmp_path / "train_settings.json"
     settings.write_text(json.dumps({"fsdp": fsdp()}))
     monkeypatch.setattr(launch, "cuda_device_count", lambda: 8)
     monkeypatch.setattr(launch.tempfile, "tempdir", str(tmp_path))
-    calls = []
-
-    def execvp(file, args):
-        calls.append(args)
-        raise SystemExit(0)
-
-    monkeypatch.setattr(launch.os, "execvp", execvp)
     argv = ["--config-file", str(config), "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task", "64"]
     argv += ["--", "-m", "shardtune.train", "--settings", str(settings), "--output", "out"]
-    return argv, calls
+    return argv
 
 
-def run(argv, env, calls):
-    with pytest.raises(SystemExit):
-        launch.main(argv, env)
-    return calls.pop()
+def command(argv, env):
+    return launch.job_command(launch.parse_args(argv), env, log=lambda message: None)
 
 
 ALLOCATION = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2"}
 
 
 def test_job_starts_one_srun_task_per_node(job):
-    argv, calls = job
-    command = run(argv, {"SLURM_JOB_ID": "4242"}, calls)
-    assert command[:7] == [
+    srun = command(job, {"SLURM_JOB_ID": "4242"})
+    assert srun[:7] == [
         "srun",
         "--nodes=2",
         "--ntasks=2",
@@ -137,25 +128,35 @@ def test_job_starts_one_srun_task_per_node(job):
         "--kill-on-bad-exit=1",
         "--label",
     ]
-    assert command[8:11] == ["-m", "shardtune.launch", "--node-task"] and command[11:] == argv
+    assert srun[7] == sys.executable
+    assert srun[8:11] == ["-m", "shardtune.launch", "--node-task"] and srun[11:] == job
 
 
 def test_each_node_task_launches_with_its_rank_and_the_first_node_as_main(job):
-    argv, calls = job
-    node_argv = ["--node-task", *argv]
     rendered = []
     for rank in (0, 1):
         env = {**ALLOCATION, "SLURM_PROCID": str(rank), "SLURM_NODEID": str(rank)}
-        command = run(node_argv, env, calls)
-        assert command[:3] == ["accelerate", "launch", "--config_file"]
-        assert command[4:] == argv[argv.index("--") + 1 :]
-        rendered.append(yaml.safe_load(open(command[3])))
-    for rank, config in enumerate(rendered):
-        assert config["machine_rank"] == rank
-        assert config["main_process_ip"] == "gpu07"
-        assert config["main_process_port"] == 29500 + 4242 % 1000
-        assert (config["num_machines"], config["num_processes"], config["use_cpu"]) == (2, 16, False)
-        assert config["distributed_type"] == "FSDP"
+        args = launch.parse_args(["--node-task", *job])
+        launched = launch.node_command(args, env, log=lambda message: None)
+        # this interpreter's accelerate, not the first one on PATH
+        assert launched[:4] == [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+        assert launched[5:] == job[job.index("--") + 1 :]
+        rendered.append(accelerate_args(launched))
+    for rank, args in enumerate(rendered):
+        assert args.machine_rank == rank
+        assert args.main_process_ip == "gpu07"
+        assert args.main_process_port == 29500 + 4242 % 1000
+        assert (args.num_machines, args.num_processes, args.use_cpu) == (2, 16, False)
+        assert args.use_fsdp
+
+
+def accelerate_args(command):
+    """What `accelerate launch` itself makes of the command and its per-node config file."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    parsed = launch_command_parser().parse_args(command[3:])
+    _validate_launch_command(parsed)
+    return parsed
 
 
 def test_more_tasks_than_nodes_is_refused():
@@ -165,9 +166,8 @@ def test_more_tasks_than_nodes_is_refused():
 
 
 def test_several_nodes_need_an_allocation(job):
-    argv, _ = job
     with pytest.raises(launch.LaunchError, match="needs a SLURM allocation"):
-        launch.main(argv, {})
+        command(job, {})
 
 
 def test_one_node_uses_the_gpus_cuda_sees_and_a_free_port():

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from conftest import BIN, copy_workflow, snakemake
+from conftest import BIN, copy_workflow, plain_shell_env, snakemake
 from shardtune.checkpoints import MARKER, checkpoints
 from shardtune.convert import adapter_state
 from shardtune.io import read_json
@@ -22,7 +22,7 @@ def training_processes(workdir):
 
 def test_sigkill_during_training_then_the_same_command_resumes_exactly(demo_run, tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = plain_shell_env()
     first = subprocess.Popen(
         [str(BIN / "snakemake"), "--cores", "2", "train"],
         cwd=workdir,

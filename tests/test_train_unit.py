@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from shardtune.config import resolve_runs
+from shardtune.errors import UserError
 from shardtune.modeling import load_dtype
 from shardtune.train import attention_implementation, lora_config, sft_config
 
@@ -12,7 +13,7 @@ def test_attention_falls_back_to_sdpa_and_says_why():
     attn, why = attention_implementation("auto")
     if not torch.cuda.is_available():
         assert (attn, why) == ("sdpa", "no GPU visible")
-        with pytest.raises(SystemExit, match="flash_attention_2 needs flash-attn and a GPU"):
+        with pytest.raises(UserError, match="flash_attention_2 needs flash-attn and a GPU"):
             attention_implementation("flash_attention_2")
     assert attention_implementation("eager") == ("eager", "set in model.attn_implementation")
 

@@ -2,6 +2,7 @@
 and the content keys that let runs share fetched and prepared inputs."""
 
 import copy
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -44,6 +45,11 @@ def _key_path(prefix, error):
     if error.validator == "additionalProperties":
         unexpected = sorted(set(error.instance) - set(error.schema.get("properties", {})))
         return ".".join(parts + unexpected[:1]) or "<top level>", f"unknown key (allowed: {', '.join(sorted(error.schema.get('properties', {})))})"
+    if error.validator == "enum" and len(error.validator_value) > 6:
+        # A long list (optimizers, schedules): the closest names first, not all of them.
+        close = difflib.get_close_matches(str(error.instance), map(str, error.validator_value), n=3)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        return ".".join(parts), f"{error.instance!r} is not allowed; {hint}(one of {len(error.validator_value)}: see docs/config.md)"
     return ".".join(parts) or "<top level>", error.message
 
 
@@ -66,6 +72,35 @@ def deep_merge(base, override):
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def read_yaml(path):
+    """A YAML config file as a dict; a syntax error names the file, line and column."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}: line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"config error in {where}: {getattr(err, 'problem', None) or err}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config error in {path}: expected sections (a mapping) at the top level")
+    return data or {}
+
+
+def layered(config, paths):
+    """`config` with the runs of layered config files: Snakemake deep-merges config files in
+    order, but `runs:` is replaced as a whole by the last file that names it, so that
+    `--configfile my.yaml` and `--configfile config.yaml my.yaml` both run exactly my.yaml's
+    runs, and a file without `runs:` keeps the earlier file's."""
+    runs, source = config.get("runs"), "the config"
+    for path in paths:
+        if Path(path).is_file():
+            data = read_yaml(path)
+            if "runs" in data:
+                runs, source = data["runs"], path
+    if not runs and "runs" in config:
+        raise ConfigError(f"config error at 'runs': {source} names no run; name at least one, e.g. runs: {{mine: {{}}}}")
+    return {**config, "runs": runs} if runs is not None else config
 
 
 def resolve_runs(config, schema=None):
@@ -129,6 +164,27 @@ def check_combinations(s, prefix="run"):
         fail("fsdp.main_process_ip", "a multi-machine run needs the main process address")
     if lora["use_dora"] and q["load_in_8bit"]:
         fail("lora.use_dora", "DoRA on 8-bit weights is not supported")
+
+
+def pushed_runs(runs):
+    """Names of the runs to publish; a run with hub.push but no repo_id, or two runs sharing a
+    repo (they would overwrite each other), is a config error."""
+    pushed, owner = [], {}
+    for name, settings in runs.items():
+        hub = settings["hub"]
+        if not hub["push"]:
+            continue
+        repo = hub["repo_id"]
+        if not repo:
+            raise ConfigError(f"config error at 'runs.{name}.hub.repo_id': hub.push is true but no repo_id is set")
+        if repo in owner:
+            raise ConfigError(
+                f"config error at 'runs.{name}.hub.repo_id': {repo} is also the repo of run '{owner[repo]}';"
+                " give each run its own repo"
+            )
+        owner[repo] = name
+        pushed.append(name)
+    return pushed
 
 
 def content_key(label, *parts):

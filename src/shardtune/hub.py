@@ -26,7 +26,6 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from . import model_card
-from .config import ConfigError
 from .convert import adapter_state
 from .errors import UserError
 from .io import read_json, write_json
@@ -64,27 +63,6 @@ class HubIntegrityError(HubError):
 
 
 # --- settings --------------------------------------------------------------------------
-
-
-def check_runs(runs):
-    """Names of the runs to publish; a run with hub.push but no repo_id, or two runs sharing a
-    repo (they would overwrite each other), is a config error."""
-    pushed, owner = [], {}
-    for name, settings in runs.items():
-        hub = settings["hub"]
-        if not hub["push"]:
-            continue
-        repo = hub["repo_id"]
-        if not repo:
-            raise ConfigError(f"config error at 'runs.{name}.hub.repo_id': hub.push is true but no repo_id is set")
-        if repo in owner:
-            raise ConfigError(
-                f"config error at 'runs.{name}.hub.repo_id': {repo} is also the repo of run '{owner[repo]}';"
-                " give each run its own repo"
-            )
-        owner[repo] = name
-        pushed.append(name)
-    return pushed
 
 
 def resolve_endpoint(hub):

@@ -224,7 +224,9 @@ def srun_command(nodes, cpus_per_task, argv):
 
 
 def accelerate_command(config_path, script_args):
-    return ["accelerate", "launch", "--config_file", str(config_path), *script_args]
+    # This interpreter, not whatever `accelerate` or `python` comes first on PATH: outside an
+    # activated environment that is the machine's Python, without torch.
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path), *script_args]
 
 
 def describe_node(env, cuda_gpus):
@@ -245,6 +247,7 @@ def parse_args(argv):
     parser.add_argument("--node-task", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("script", nargs=argparse.REMAINDER, help="-- then accelerate launch's script and its arguments")
     args = parser.parse_args(argv)
+    args.argv = list(argv)
     args.script = args.script[1:] if args.script[:1] == ["--"] else args.script
     if not args.script:
         parser.error("missing the script to launch (after --)")
@@ -255,21 +258,9 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None, env=None):
-    argv = sys.argv[1:] if argv is None else argv
-    env = os.environ if env is None else env
-    args = parse_args(argv)
-    log = lambda message: print(f"launch: {message}", flush=True)  # noqa: E731
-
-    if args.nodes > 1 and not args.node_task:
-        if "SLURM_JOB_ID" not in env:
-            raise LaunchError(
-                f"resources.fsdp_train.nodes={args.nodes} needs a SLURM allocation (run with the SLURM profile)"
-            )
-        command = srun_command(args.nodes, args.cpus_per_task, argv)
-        log(f"starting one task per node on {args.nodes} nodes: {shlex.join(command)}")
-        os.execvp(command[0], command)
-
+def node_command(args, env, log):
+    """The command that trains on this node: the run's Accelerate config completed for the
+    node (written to a temporary file and printed) and `accelerate launch` with the script."""
     cuda_gpus = cuda_device_count()
     log(describe_node(env, cuda_gpus))
     base = yaml.safe_load(open(args.config_file))
@@ -277,7 +268,6 @@ def main(argv=None, env=None):
     fd, path = tempfile.mkstemp(prefix=f"accelerate-{env.get('SLURM_JOB_ID', 'local')}-", suffix=".yaml")
     with os.fdopen(fd, "w") as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
-    command = accelerate_command(path, args.script)
     requested = args.settings.get("training", {}).get("allocator", "auto")
     name, updates, why = allocator.select(requested, env, gpus=0 if config["use_cpu"] else cuda_gpus)
     env.update(updates)  # os.environ in a real launch: accelerate and the ranks inherit it
@@ -288,7 +278,68 @@ def main(argv=None, env=None):
         f"{config['main_process_port']}; config {path}:\n"
         + yaml.safe_dump(config, sort_keys=False)
     )
-    log(shlex.join(command[:4]) + " ...")
+    return accelerate_command(path, args.script)
+
+
+def job_command(args, env, log):
+    """What the training job runs: srun over the nodes of the allocation, or this node's launch."""
+    if args.nodes == 1:
+        return node_command(args, env, log)
+    if "SLURM_JOB_ID" not in env:
+        raise LaunchError(f"resources.fsdp_train.nodes={args.nodes} needs a SLURM allocation (run with the SLURM profile)")
+    command = srun_command(args.nodes, args.cpus_per_task, args.argv)
+    log(f"starting one task per node on {args.nodes} nodes: {shlex.join(command)}")
+    return command
+
+
+# What ends a rank's traceback: "ValueError: ...", "torch.OutOfMemoryError: ...".
+_EXCEPTION_LINE = re.compile(r"^(?:\[[^\]]*\]:?\s*)*((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit)\b:?.*)$")
+_LAUNCHER_ERRORS = ("ChildFailedError", "CalledProcessError", "SignalException")
+
+
+def error_line(text):
+    """The one line that says why training failed, from the training log: our own `ERROR:`
+    line if a rank printed one, else the exception that ended the first rank's traceback
+    (not the launcher's own ChildFailedError that wraps it)."""
+    lines = text.splitlines()
+    for line in lines:
+        if "ERROR: " in line:
+            return line[line.index("ERROR: ") + len("ERROR: ") :].strip()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("Traceback (most recent call last)"):
+            for later in lines[i + 1 :]:
+                match = _EXCEPTION_LINE.match(later.strip())
+                if match and not later.startswith((" ", "\t")):
+                    if not any(name in match.group(1) for name in _LAUNCHER_ERRORS):
+                        return match.group(1)
+                    break
+    return None
+
+
+def run(argv, log_path, env=None):
+    """Start training for the fsdp_train job, its output (every rank's) appended to log_path.
+    A failure ends in a LaunchError holding the one line that says why; the log keeps the rest."""
+    env = os.environ if env is None else env
+    args = parse_args(argv)
+    with open(log_path, "a", buffering=1) as log_file:
+
+        def log(message):
+            print(f"launch: {message}", file=log_file, flush=True)
+
+        command = job_command(args, env, log)
+        log(shlex.join(command[:5]) + " ...")
+        code = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env).returncode
+    if code:
+        why = error_line(open(log_path, errors="replace").read()) or "see the log"
+        raise LaunchError(f"training failed (exit {code}): {why} (full output: {log_path})")
+
+
+def main(argv=None, env=None):
+    """A node's task of a multi-node job (srun starts it with --node-task): launch this node."""
+    argv = sys.argv[1:] if argv is None else argv
+    env = os.environ if env is None else env
+    args = parse_args(argv)
+    command = node_command(args, env, lambda message: print(f"launch: {message}", flush=True))
     os.execvp(command[0], command)
 
 
@@ -296,5 +347,5 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as err:
-        print(f"launch: error: {err}", file=sys.stderr)
+        print(f"ERROR: {err}", file=sys.stderr)
         sys.exit(1)

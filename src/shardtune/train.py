@@ -48,7 +48,7 @@ def attention_implementation(requested):
             return "flash_attention_2", "flash-attn is installed and a GPU is visible"
         return "sdpa", "no GPU visible" if not torch.cuda.is_available() else "flash-attn is not installed"
     if requested == "flash_attention_2" and not (has_flash and torch.cuda.is_available()):
-        raise SystemExit("model.attn_implementation: flash_attention_2 needs flash-attn and a GPU")
+        raise UserError("model.attn_implementation: flash_attention_2 needs flash-attn and a GPU")
     return requested, "set in model.attn_implementation"
 
 
@@ -248,10 +248,7 @@ def main(argv=None):
     if every_save:  # hub.strategy: every_save; the Trainer's own push would upload sharded state
         push = every_save_callback({**settings, **every_save}, out, run=out.parent.name, log=log)
         if is_main:
-            try:
-                push.pusher.start()  # token, repo and privacy are checked before training
-            except UserError as err:
-                raise SystemExit(f"ERROR: {err}") from None
+            push.pusher.start()  # token, repo and privacy are checked before training
         callbacks.append(push)  # after MarkCompleteCheckpoints: pushes complete checkpoints only
     trainer = SFTTrainer(
         model=model,
@@ -266,7 +263,7 @@ def main(argv=None):
     distributed = str(trainer.accelerator.distributed_type)
     log(f"distributed type: {distributed}, processes: {state.num_processes}, fsdp: {trainer.is_fsdp_enabled}")
     if not trainer.is_fsdp_enabled:
-        raise SystemExit(f"FSDP is not active (distributed type {distributed}): refusing to train unsharded")
+        raise UserError(f"FSDP is not active (distributed type {distributed}): refusing to train unsharded")
     if is_main:
         trainer.model.peft_config["default"].save_pretrained(out / "adapter_config")
 
@@ -318,4 +315,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:
+        # One line the launcher finds in the log and shows on the console (see launch.error_line).
+        print(f"ERROR: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -14,17 +14,9 @@ from shardtune import config as stconfig
 
 
 def validated_runs(config):
-    # Snakemake merges `runs:` of --configfile files into config.yaml's; a config file that
-    # names its runs means those runs only, so they replace the default's.
-    cli_runs = {}
-    for path in workflow.overwrite_configfiles:
-        cli_runs |= (stconfig.yaml.safe_load(Path(path).read_text()) or {}).get(
-            "runs"
-        ) or {}
-    if cli_runs:
-        config = {**config, "runs": cli_runs}
     try:
-        return stconfig.resolve_runs(config)
+        files = ["config.yaml", *workflow.overwrite_configfiles]
+        return stconfig.resolve_runs(stconfig.layered(config, files))
     except stconfig.ConfigError as err:
         raise WorkflowError(str(err)) from None
 
@@ -99,10 +91,8 @@ def run_outputs(stage):
 
 def hub_runs():
     """Runs with hub.push: true, each with its own repo_id (else a config error)."""
-    from shardtune import hub as sthub
-
     try:
-        return sthub.check_runs(RUNS)
+        return stconfig.pushed_runs(RUNS)
     except stconfig.ConfigError as err:
         raise WorkflowError(str(err)) from None
 

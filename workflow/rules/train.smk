@@ -41,9 +41,5 @@ rule fsdp_train:
     params:
         train_dir=subpath(output[0], parent=True),
         hub=every_save_settings,
-    shell:
-        "python -m shardtune.launch --config-file {input.accelerate} --nodes {resources.nodes}"
-        " --gpus-per-node {resources.gpus_per_node} --cpus-per-task {resources.cpus_per_task}"
-        " -- -m shardtune.train --settings {input.settings} --data {input.data} --model {input.model}"
-        " --output {params.train_dir} --done {output} --memory {input.memory}"
-        " --hub {params.hub:q} > {log} 2>&1"
+    script:
+        "../scripts/fsdp_train.py"
