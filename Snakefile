@@ -3,10 +3,14 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config.yaml"
-
-
 include: "workflow/rules/common.smk"
+
+
+# A YAML error in the default file: Snakemake's own message names no line.
+check_yaml("config.yaml")
+
+
+configfile: "config.yaml"
 
 
 # Schema validation with defaults, per-run merging and cross-field checks: a bad value
@@ -24,6 +28,10 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/hub.smk"
+
+
+onsuccess:
+    print_outcome()
 
 
 rule all:

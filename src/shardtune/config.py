@@ -187,6 +187,32 @@ def pushed_runs(runs):
     return pushed
 
 
+def check_local_sources(runs):
+    """Local data set and model paths exist (a model directory with its config.json), checked
+    when the DAG is built rather than by the first job that reads them."""
+    for name, s in runs.items():
+        data, model = s["dataset"]["source"], s["model"]["source"]
+        if data != "builtin" and not data.startswith("hf:") and not Path(data).exists():
+            raise ConfigError(f"config error at 'runs.{name}.dataset.source': {data} does not exist")
+        if model != "builtin" and not model.startswith("hf:"):
+            if not Path(model).is_dir():
+                raise ConfigError(f"config error at 'runs.{name}.model.source': {model} is not a directory")
+            if not (Path(model) / "config.json").is_file():
+                raise ConfigError(f"config error at 'runs.{name}.model.source': {model} is not a model directory (no config.json)")
+
+
+def check_hub_token(pushed):
+    """Publishing is on for the runs `pushed`: a Hub token must be there (HF_TOKEN or the login
+    cache), or the upload would fail after training, conversion and evaluation."""
+    from huggingface_hub import get_token
+
+    if pushed and not get_token():
+        raise ConfigError(
+            f"config error at 'runs.{pushed[0]}.hub.push': publishing is on but no Hugging Face token was found; "
+            "set HF_TOKEN or run `hf auth login` (or set hub.push: false)"
+        )
+
+
 def content_key(label, *parts):
     """A short, readable key: '<label>-<hash of parts>'."""
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]

@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -112,12 +113,20 @@ def generations(model, tokenizer, test, indices, settings, log):
 
 
 def task_accuracy(rows, by_task):
+    """Exact-match accuracy per task and model, beside what tells learning from luck: the
+    accuracy of the best constant answer (the most common reference) and how many distinct
+    answers each model gave."""
     table = {}
     for task, indices in sorted(by_task.items()):
         scored = [rows[i] for i in indices if i in rows]
-        table[task] = {"n": len(scored)} | {
-            name: sum(exact_match(r[name], r["reference"]) for r in scored) / max(1, len(scored)) for name in MODELS
-        }
+        n = max(1, len(scored))
+        references = Counter(r["reference"].strip() for r in scored)
+        table[task] = (
+            {"n": len(scored)}
+            | {name: sum(exact_match(r[name], r["reference"]) for r in scored) / n for name in MODELS}
+            | {"constant_answer": max(references.values(), default=0) / n}
+            | {f"{name}_distinct": len({r[name].strip() for r in scored}) for name in MODELS}
+        )
     return table
 
 
@@ -214,10 +223,21 @@ def evaluate(model_dir, data_dir, dataset_dir, adapter_dir, settings, out_dir, l
         ["model", "eval_loss", "perplexity", "tokens"],
         [(n, f"{metrics[n]['eval_loss']:.6f}", f"{metrics[n]['perplexity']:.4f}", metrics[n]["tokens"]) for n in MODELS],
     )
-    acc_rows = [(t, a["n"], f"{a['base']:.4f}", f"{a['tuned']:.4f}") for t, a in accuracy.items()]
+    acc_rows = [
+        (t, a["n"], f"{a['base']:.4f}", f"{a['tuned']:.4f}", f"{a['constant_answer']:.4f}", a["base_distinct"], a["tuned_distinct"])
+        for t, a in accuracy.items()
+    ]
     if scored:
-        acc_rows.append(("all", len(scored), f"{metrics['base']['accuracy']:.4f}", f"{metrics['tuned']['accuracy']:.4f}"))
-    _write_tsv(out_dir / "accuracy.tsv", ["task", "n", "base", "tuned"], acc_rows)
+        overall = metrics["overall_accuracy"] = {
+            "constant_answer": sum(a["constant_answer"] * a["n"] for a in accuracy.values()) / len(scored),
+            **{f"{n}_distinct": len({r[n].strip() for r in scored}) for n in MODELS},
+        }
+        acc_rows.append(
+            ("all", len(scored), f"{metrics['base']['accuracy']:.4f}", f"{metrics['tuned']['accuracy']:.4f}")
+            + (f"{overall['constant_answer']:.4f}", overall["base_distinct"], overall["tuned_distinct"])
+        )
+    header = ["task", "n", "base", "tuned", "constant_answer", "base_distinct", "tuned_distinct"]
+    _write_tsv(out_dir / "accuracy.tsv", header, acc_rows)
     _write_jsonl(
         out_dir / "samples.jsonl",
         [

@@ -453,6 +453,7 @@ def preflight(model_dir, accelerate_yaml, settings, out_json, log=print, gpus_pl
 
     from .autobatch import resolve, with_resolved
     from .io import write_json
+    from .model_check import check_settings
     from .sources import model_path
 
     world_size = yaml.safe_load(open(accelerate_yaml))["num_processes"]
@@ -460,6 +461,7 @@ def preflight(model_dir, accelerate_yaml, settings, out_json, log=print, gpus_pl
         from .accelerate_config import resolve_num_processes
 
         world_size = resolve_num_processes(settings["fsdp"], gpus_planned)
+    check_settings(model_path(model_dir), settings)
     shape = model_shape(model_path(model_dir), settings["lora"])
     resolved = resolve(shape, settings, world_size, gpus_planned, log=log)
     report = estimate(shape, with_resolved(settings, resolved), world_size, gpus_planned)

@@ -80,7 +80,10 @@ def write_run_page(path, run, metrics_json, accuracy_tsv, samples_jsonl, run_inf
         ),
         "<h2>Task accuracy</h2>",
         f"<p>Exact match of greedy generations (at most {gen.get('max_new_tokens')} new tokens) on the first "
-        f"{gen.get('per_task')} test conversations of each task family.</p>",
+        f"{gen.get('per_task')} test conversations of each task family. <code>constant_answer</code> is what "
+        "always giving the most common reference answer scores, and <code>*_distinct</code> counts the "
+        "different answers a model gave: a tuned accuracy no higher than the constant answer, from few "
+        "distinct answers, is a model that learned one answer, not the task.</p>",
         _table(accuracy) if len(accuracy) else "<p>Not available: the data set has no <code>task</code> column.</p>",
     ]
     if metrics.get("lm_eval"):

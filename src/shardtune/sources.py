@@ -15,6 +15,7 @@ import numpy as np
 from .builtin_data import build_conversations
 from .errors import UserError
 from .io import atomic_dir, read_json, write_json
+from .model_check import check_model_dir
 
 HUB_PREFIX = "hf:"
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -223,11 +224,14 @@ def fetch_model(spec, out_dir):
             from huggingface_hub import snapshot_download
 
             # Weights stay in the hub cache (shared across runs); we record the snapshot.
-            path = snapshot_download(
-                source[len(HUB_PREFIX) :],
-                revision=spec["revision"],
-                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"],
-            )
+            try:
+                path = snapshot_download(
+                    source[len(HUB_PREFIX) :],
+                    revision=spec["revision"],
+                    allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"],
+                )
+            except Exception as err:  # offline, unknown or gated repo, bad revision: one line
+                raise SourceError(f"model.source: cannot download {source}: {hub_error(err)}") from None
             record["path"] = str(Path(path).resolve())
             record["commit"] = Path(path).name
         else:
@@ -235,7 +239,26 @@ def fetch_model(spec, out_dir):
             if not (path / "config.json").is_file():
                 raise SourceError(f"model.source: {path} is not a model directory (no config.json)")
             record["path"] = str(path.resolve())
+        check_model_dir(record["path"])
         write_json(tmp / "source.json", record)
+
+
+def hub_error(err):
+    """One line for a failed Hub request: what huggingface_hub's error types mean to a user."""
+    from huggingface_hub import errors
+
+    if isinstance(err, errors.GatedRepoError):
+        return "the repo is gated: accept its terms on the Hub and set HF_TOKEN (or `hf auth login`)"
+    if isinstance(err, errors.RepositoryNotFoundError):
+        return "no such repo, or it is private and no token with access was given (HF_TOKEN)"
+    if isinstance(err, errors.RevisionNotFoundError):
+        return "no such revision"
+    if isinstance(err, errors.HfHubHTTPError):  # an answer from the server: say what it was
+        pass
+    elif isinstance(err, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, OSError)):
+        return "the Hub cannot be reached and the files are not in the local cache (offline?)"
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 def model_path(model_dir):

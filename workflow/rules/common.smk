@@ -13,12 +13,30 @@ from snakemake.exceptions import WorkflowError
 from shardtune import config as stconfig
 
 
+def check_yaml(path):
+    try:
+        stconfig.read_yaml(path)
+    except stconfig.ConfigError as err:
+        raise WorkflowError(str(err)) from None
+
+
 def validated_runs(config):
     try:
         files = ["config.yaml", *workflow.overwrite_configfiles]
-        return stconfig.resolve_runs(stconfig.layered(config, files))
+        runs = stconfig.resolve_runs(stconfig.layered(config, files))
+        stconfig.check_local_sources(runs)
+        return runs
     except stconfig.ConfigError as err:
         raise WorkflowError(str(err)) from None
+
+
+def print_outcome():
+    """After a successful run: per run, base -> tuned metrics and where the results are."""
+    from shardtune.outcome import summary
+
+    text = summary(RUNS)
+    if text and not workflow.dryrun:
+        print(text, file=sys.stderr)
 
 
 def _by_key(key_of, section):
@@ -90,9 +108,14 @@ def run_outputs(stage):
 
 
 def hub_runs():
-    """Runs with hub.push: true, each with its own repo_id (else a config error)."""
+    """Runs with hub.push: true, each with its own repo_id (else a config error), and a token
+    to publish with, checked before any job starts (not in the jobs: compute nodes may lack it).
+    """
     try:
-        return stconfig.pushed_runs(RUNS)
+        pushed = stconfig.pushed_runs(RUNS)
+        if workflow.is_main_process:
+            stconfig.check_hub_token(pushed)
+        return pushed
     except stconfig.ConfigError as err:
         raise WorkflowError(str(err)) from None
 

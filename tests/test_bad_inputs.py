@@ -1,0 +1,201 @@
+"""A user's mistakes, through the snakemake command line: each stops with one line naming the
+key, file or module, a non-zero exit, before the expensive steps (data preparation where the
+config alone can tell, training where the model files can)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import copy_workflow, default_config, jobs_in_dry_run, snakemake
+from shardtune.config import deep_merge
+
+SMALL = {"dataset": {"builtin": {"conversations": 60}}}
+
+
+def workflow_with(tmp_path, override):
+    return copy_workflow(tmp_path / "wf", deep_merge(deep_merge(default_config(), SMALL), override))
+
+
+def no_token_env(tmp_path):
+    return {"HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": "", "HF_HOME": str(tmp_path / "hf-home")}
+
+
+# --- the config alone tells: nothing runs ------------------------------------------------------
+
+CONFIG_CASES = {
+    "optimizer typo": ({"training": {"optim": "adamw_torhc"}}, "config error at 'training.optim': 'adamw_torhc' is not allowed; did you mean 'adamw_torch'"),
+    "scheduler typo": ({"training": {"lr_scheduler_type": "cosin"}}, "config error at 'training.lr_scheduler_type': 'cosin' is not allowed; did you mean 'cosine'"),
+    "missing data file": ({"dataset": {"source": "my_data.jsonl"}}, "config error at 'runs.demo.dataset.source': my_data.jsonl does not exist"),
+    "missing model dir": ({"model": {"source": "models/mine"}}, "config error at 'runs.demo.model.source': models/mine is not a directory"),
+    "model dir without config.json": ({"model": {"source": "workflow"}}, "config error at 'runs.demo.model.source': workflow is not a model directory (no config.json)"),
+    "empty target list": ({"lora": {"target_modules": []}}, "config error at 'lora.target_modules'"),
+    "zero sequence length": ({"data": {"max_seq_len": 0}}, "config error at 'data.max_seq_len'"),
+    "negative learning rate": ({"training": {"learning_rate": -1.0e-4}}, "config error at 'training.learning_rate'"),
+    "zero batch": ({"training": {"per_device_train_batch_size": 0}}, "config error at 'training.per_device_train_batch_size'"),
+    "bad run name": ({"runs": {"my run": {}}}, "config error at 'runs'"),
+    "eval steps missing": ({"training": {"eval_strategy": "steps"}}, "config error at 'runs.demo.training.eval_steps'"),
+    "push without repo": ({"hub": {"push": True}}, "config error at 'runs.demo.hub.repo_id': hub.push is true but no repo_id"),
+    "push without token": ({"hub": {"push": True, "repo_id": "me/demo"}}, "config error at 'runs.demo.hub.push': publishing is on but no Hugging Face token"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES)
+def test_a_bad_config_value_stops_before_any_job(tmp_path, case):
+    override, message = CONFIG_CASES[case]
+    workdir = workflow_with(tmp_path, override)
+    result = snakemake(workdir, "--cores", "2", check=False, env=no_token_env(tmp_path))
+    assert result.returncode != 0
+    assert message in result.stdout, result.stdout[-2000:]
+    assert not (workdir / "results").exists() and not (workdir / "resources").exists()
+
+
+def test_no_runs_is_an_error_not_the_demo(tmp_path):
+    workdir = workflow_with(tmp_path, {})
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    (workdir / "config.yaml").write_text(yaml.safe_dump({**config, "runs": {}}))
+    result = snakemake(workdir, "--cores", "2", check=False)
+    assert result.returncode != 0
+    assert "config error at 'runs': config.yaml names no run" in result.stdout, result.stdout[-2000:]
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    workdir = workflow_with(tmp_path, {})
+    (workdir / "config.yaml").write_text("model:\n  source: builtin\n lora: {r: 4}\n")
+    result = snakemake(workdir, "--cores", "2", check=False)
+    assert result.returncode != 0
+    assert "config error in config.yaml: line 3, column 2" in result.stdout, result.stdout[-2000:]
+    assert not (workdir / "results").exists()
+
+
+# --- layered config files ----------------------------------------------------------------------
+
+
+def planned_runs(output):
+    return {line.split("run=")[1].split(",")[0].strip() for line in output.splitlines() if "wildcards: run=" in line}
+
+
+@pytest.mark.parametrize("files", [["mine.yaml"], ["config.yaml", "mine.yaml"]])
+def test_a_config_file_naming_runs_replaces_the_demo(tmp_path, files):
+    workdir = workflow_with(tmp_path, {})
+    (workdir / "mine.yaml").write_text(yaml.safe_dump({"lora": {"r": 4}, "runs": {"mine": {}}}))
+    result = snakemake(workdir, "-n", "--cores", "2", "--configfile", *files)
+    assert planned_runs(result.stdout) == {"mine"}, result.stdout[-3000:]
+
+
+def test_a_config_file_without_runs_keeps_the_earlier_runs(tmp_path):
+    workdir = workflow_with(tmp_path, {})
+    (workdir / "mine.yaml").write_text(yaml.safe_dump({"lora": {"r": 4}}))
+    result = snakemake(workdir, "-n", "--cores", "2", "--configfile", "config.yaml", "mine.yaml")
+    assert planned_runs(result.stdout) == {"demo"}
+    assert jobs_in_dry_run(result.stdout)["fsdp_train"] == 1
+
+
+# --- the model files tell: stops before training -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_model(tmp_path_factory):
+    """A small model directory as a user brings one (weights, config, tokenizer)."""
+    from shardtune.builtin_model import build_model
+    from shardtune.config import resolve_runs
+
+    path = tmp_path_factory.mktemp("model") / "files"
+    build_model(path, resolve_runs({})["demo"]["model"]["builtin"])
+    return path
+
+
+def broken_copy(local_model, tmp_path, breaks):
+    model = tmp_path / "model"
+    shutil.copytree(local_model, model)
+    breaks(model)
+    return model
+
+
+def truncate_weights(model):
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+
+
+def drop_tokenizer(model):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        (model / name).unlink(missing_ok=True)
+
+
+def corrupt_config(model):
+    (model / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+
+
+def drop_weights(model):
+    (model / "model.safetensors").unlink()
+
+
+MODEL_FILE_CASES = {
+    "truncated weights": (truncate_weights, "model.safetensors: truncated:"),
+    "no tokenizer": (drop_tokenizer, "has no tokenizer transformers can load"),
+    "corrupt config.json": (corrupt_config, "config.json:"),
+    "no weights": (drop_weights, "has no weights (*.safetensors or pytorch_model*.bin)"),
+}
+
+
+def assert_stopped_before_training(workdir, result, message, prepared=True):
+    assert result.returncode != 0
+    assert message in result.stdout, result.stdout[-3000:]
+    assert not (workdir / "logs/fsdp_train").exists() and not (workdir / "results/demo/train").exists()
+    if not prepared:
+        assert not (workdir / "resources/prepared").exists()
+    # one line, not a traceback, on the console
+    assert "Traceback" not in result.stdout
+
+
+@pytest.mark.parametrize("case", MODEL_FILE_CASES)
+def test_a_broken_model_directory_stops_at_fetching_it(local_model, tmp_path, case):
+    breaks, message = MODEL_FILE_CASES[case]
+    model = broken_copy(local_model, tmp_path, breaks)
+    workdir = workflow_with(tmp_path, {"model": {"source": str(model)}})
+    result = snakemake(workdir, "--cores", "2", "train", check=False)
+    assert_stopped_before_training(workdir, result, f"ERROR: model.source: {model}", prepared=False)
+    assert message in result.stdout
+    assert not (workdir / "resources/models").exists() or not list((workdir / "resources/models").iterdir())
+
+
+def test_an_unreachable_hub_model_is_one_line(tmp_path):
+    workdir = workflow_with(tmp_path, {"model": {"source": "hf:someone/no-such-model"}})
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    result = snakemake(workdir, "--cores", "2", "train", check=False, env=env)
+    assert_stopped_before_training(
+        workdir, result, "ERROR: model.source: cannot download hf:someone/no-such-model: the Hub cannot be reached", prepared=False
+    )
+
+
+SETTINGS_CASES = {
+    # a typo beside a right name: PEFT would train the right one and record the typo
+    "one target misspelled": ({"lora": {"target_modules": ["q_proj", "v_projj"]}}, "config error at 'lora.target_modules': 'v_projj' matches no module of the model (its linear layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)"),
+    "longer than the model": ({"data": {"max_seq_len": 4096}}, "config error at 'data.max_seq_len': 4096 is more than the model's max_position_embeddings (2048)"),
+}
+
+
+@pytest.mark.parametrize("case", SETTINGS_CASES)
+def test_settings_that_do_not_fit_the_model_stop_before_training(tmp_path, case):
+    override, message = SETTINGS_CASES[case]
+    workdir = workflow_with(tmp_path, override)
+    result = snakemake(workdir, "--cores", "2", "train", check=False)
+    assert_stopped_before_training(workdir, result, f"ERROR: {message}")
+
+
+def test_a_training_failure_shows_one_line_on_the_console(tmp_path):
+    """A rank that raises: the console gets the exception's line and where the log is; every
+    rank's traceback stays in the log."""
+    workdir = workflow_with(tmp_path, {"training": {"max_steps": 1}, "model": {"attn_implementation": "flash_attention_2"}})
+    result = snakemake(workdir, "--cores", "2", "train", check=False)
+    assert result.returncode != 0
+    line = "training failed (exit 1): model.attn_implementation: flash_attention_2 needs flash-attn and a GPU"
+    assert line in result.stdout, result.stdout[-3000:]
+    assert "Traceback" not in result.stdout
+    log = (workdir / "logs/fsdp_train/demo.log").read_text()
+    assert log.count("ERROR: model.attn_implementation: flash_attention_2 needs flash-attn") == 2  # both ranks
+    assert not (workdir / "results/demo/train/done.json").exists()
+    assert json.loads((workdir / "results/demo/memory.json").read_text())  # the steps before it ran
+    assert Path(workdir / "logs/fsdp_train/demo.log").stat().st_size > len(line)
