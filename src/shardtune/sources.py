@@ -239,7 +239,7 @@ def fetch_model(spec, out_dir):
             if not (path / "config.json").is_file():
                 raise SourceError(f"model.source: {path} is not a model directory (no config.json)")
             record["path"] = str(path.resolve())
-        check_model_dir(record["path"])
+        check_model_dir(tmp / "files" if source == "builtin" else record["path"])
         write_json(tmp / "source.json", record)
 
 
