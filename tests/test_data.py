@@ -391,6 +391,8 @@ BAD_ROWS = {
     ),
     "no role": ({"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}, r"messages\[0\] has no role"),
     "no assistant turn": ({"messages": [{"role": "user", "content": "hi"}]}, r"row 5 \(line 6\): no assistant turn"),
+    # Text among lists is a string as written, not JSON to parse (only a column of text is).
+    "messages as text": ({"messages": json.dumps(chat()["messages"])}, r"row 5 \(line 6\): missing or empty messages: messages is a str"),
 }
 
 
@@ -429,7 +431,7 @@ def test_skip_drops_and_counts_every_bad_row_by_reason(tmp_path, builtin_model):
     for split in stats["splits"].values():
         dropped.update(split["dropped"])
     assert dict(dropped) == {
-        "missing or empty messages": 2,
+        "missing or empty messages": 3,
         "unknown role": 1,
         "non-string content": 2,
         "malformed message": 1,
@@ -437,6 +439,30 @@ def test_skip_drops_and_counts_every_bad_row_by_reason(tmp_path, builtin_model):
     }
     assert stats["dropped_at_load"] == {"invalid JSON": 1}
     assert sum(s["conversations_out"] for s in stats["splits"].values()) == len(GOOD)
+
+
+JSON_LIKE = ["243", "[1, 2]", '{"a": 1}', "null", "true"]
+
+
+def test_json_like_text_next_to_a_mixed_type_row_stays_text(tmp_path, builtin_model):
+    # One int content makes the field mixed-type; contents that read as JSON stay the strings they are.
+    rows = [chat(f"question {i}", JSON_LIKE[i % 5] if i % 2 else f"answer {i}") for i in range(300)]
+    rows[150]["messages"][1]["content"] = 7
+    lines = [json.dumps(r) for r in rows]
+    with pytest.raises(DataError) as err:
+        prepare_file(tmp_path, builtin_model, lines)
+    assert str(err.value) == (
+        f"{tmp_path / 'chats.jsonl'}, row 150 (line 151): non-string content: messages[1] (assistant) has int content; "
+        "set data.on_bad_row: skip to drop such rows"
+    )
+    stats = prepare_file(tmp_path, builtin_model, lines, on_bad_row="skip")
+    assert [s["dropped"] for s in stats["splits"].values()].count({"non-string content": 1}) == 1
+    assert sum(s["conversations_out"] for s in stats["splits"].values()) == 299
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out" / "tokenizer")
+    data = datasets.load_from_disk(str(tmp_path / "out" / "data"))
+    text = "".join(tokenizer.decode(ids) for split in data.values() for ids in split["input_ids"])
+    for value in JSON_LIKE:
+        assert text.count(f"<|im_start|>assistant\n{value}<|im_end|>") == 30, value
 
 
 def test_sharegpt_rows_are_checked(chatml_tokenizer):

@@ -143,6 +143,18 @@ def test_mixed_types_load_so_that_each_row_can_be_checked(tmp_path):
     assert [b["line"] for b in record["bad_lines"]] == [3]
 
 
+def test_mixed_type_fields_keep_every_value_as_written(tmp_path):
+    # datasets' own Json encoding would turn the string "243" into the number 243.
+    texts = ["243", "[1, 2]", '{"a": 1}', "null", "true", "x"]
+    rows = [{**chat("q", text), "id": text} for text in texts * 10]
+    rows[3]["messages"][1]["content"], rows[4]["id"] = 7, 7
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    raw, record = load_source(dataset_spec(path))
+    values = {row[ROW_COLUMN]: {"messages": row["messages"], "id": row["id"]} for split in raw.values() for row in split}
+    assert [values[i] for i in range(len(rows))] == rows
+    assert record["bad_lines"] == []
+
+
 @pytest.mark.parametrize(
     "make, message",
     [

@@ -153,6 +153,16 @@ def _from_prompt_completion(values, fields):
 CONVERTERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "prompt_completion": _from_prompt_completion}
 
 
+def json_text_columns(features, fmt, fields):
+    """The columns whose text is parsed as JSON per row: a messages or conversations column
+    stored as text (e.g. from CSV). In a column of mixed types (datasets' Json) every value is
+    kept as the file wrote it: a string there stays a string."""
+    if fmt in ("prompt_completion", "text"):
+        return set()
+    text = (datasets.Value("string"), datasets.Value("large_string"))
+    return {column for column in fields.values() if features.get(column) in text}
+
+
 def _parse_json_text(value, field):
     if not isinstance(value, str):
         return value, None
@@ -162,8 +172,9 @@ def _parse_json_text(value, field):
         return None, f"invalid JSON: {field} holds text that is not JSON ({err.msg})"
 
 
-def _render_batch(batch, *, fmt, fields, template, template_kwargs, with_spans=True):
-    """datasets.map function: one batch of raw rows -> text, assistant char spans, reason."""
+def _render_batch(batch, *, fmt, fields, template, template_kwargs, with_spans=True, json_columns=()):
+    """datasets.map function: one batch of raw rows -> text, assistant char spans, reason.
+    `json_columns` hold JSON text (see json_text_columns)."""
     n = len(batch[next(iter(fields.values()))])
     texts, spans, reasons = [""] * n, [[] for _ in range(n)], [""] * n
     if fmt == "text":
@@ -181,7 +192,7 @@ def _render_batch(batch, *, fmt, fields, template, template_kwargs, with_spans=T
         values, reason = {}, None
         for field, column in fields.items():
             values[field] = batch[column][i]
-            if fmt != "prompt_completion" and isinstance(values[field], str):  # e.g. from CSV
+            if column in json_columns and isinstance(values[field], str):  # e.g. from CSV
                 values[field], reason = _parse_json_text(values[field], column)
                 if reason:
                     break
@@ -562,6 +573,7 @@ def prepare_split(ds, split, cfg, tokenizer, *, report, num_proc=1, log=print):
             template=template,
             template_kwargs=dict(tokenizer.special_tokens_map),
             with_spans=assistant_only,
+            json_columns=json_text_columns(ds.features, fmt, fields),
         ),
         tokenizer=tokenizer,
         add_special_tokens=cfg["add_special_tokens"],

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 
 from .builtin_data import build_conversations
 from .errors import UserError
@@ -73,14 +74,22 @@ def _json_rows(path):
 
 def _from_rows(rows):
     """A Dataset from parsed rows; a field with values of several types becomes a Json field,
-    so that every row can still be checked (and named) by the prepare step."""
-    names = list(dict.fromkeys(key for row in rows for key in row))
-    return datasets.Dataset.from_dict({name: [row.get(name) for row in rows] for name in names}, on_mixed_types="use_json")
+    so that every row can still be checked (and named) by the prepare step. Its values are
+    encoded here: datasets' own encoding keeps a string that parses as JSON as it is, so the
+    string "243" would come back as the number 243."""
+    columns = {}
+    for name in dict.fromkeys(key for row in rows for key in row):
+        values = [row.get(name) for row in rows]
+        try:
+            columns[name] = pa.array(values)
+        except pa.ArrowException:  # mixed types
+            columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], type=pa.json_())
+    return datasets.Dataset(pa.table(columns))
 
 
 def _load_json(path):
-    try:  # fast path: the Arrow JSON reader
-        return datasets.load_dataset("json", data_files={"train": str(path)}, split="train"), []
+    try:  # fast path: the Arrow JSON reader; it refuses mixed types (see _from_rows)
+        return datasets.load_dataset("json", data_files={"train": str(path)}, split="train", on_mixed_types=None), []
     except Exception:
         rows, bad = _json_rows(path)
     if not rows:
