@@ -396,11 +396,11 @@ BAD_ROWS = {
 }
 
 
-def prepare_file(tmp_path, model, lines, **data):
+def prepare_file(tmp_path, model, lines, console=None, **data):
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(line + "\n" for line in lines))
     fetch_dataset(dataset_spec(path, test_size=0.25), tmp_path / "ds")
-    return prepare(tmp_path / "ds", model, {"data": data_cfg(**data)}, tmp_path / "out", num_proc=1, **QUIET)
+    return prepare(tmp_path / "ds", model, {"data": data_cfg(**data)}, tmp_path / "out", num_proc=1, console=console, **QUIET)
 
 
 @pytest.mark.parametrize("case", list(BAD_ROWS))
@@ -426,7 +426,8 @@ def test_invalid_json_line_stops_with_its_line(tmp_path, builtin_model):
 
 def test_skip_drops_and_counts_every_bad_row_by_reason(tmp_path, builtin_model):
     lines = [json.dumps(r) for r in GOOD] + [json.dumps(row) for row, _ in BAD_ROWS.values()] + ["{broken"]
-    stats = prepare_file(tmp_path, builtin_model, lines, on_bad_row="skip")
+    said = []
+    stats = prepare_file(tmp_path, builtin_model, lines, on_bad_row="skip", console=said.append)
     dropped = Counter()
     for split in stats["splits"].values():
         dropped.update(split["dropped"])
@@ -439,6 +440,15 @@ def test_skip_drops_and_counts_every_bad_row_by_reason(tmp_path, builtin_model):
     }
     assert stats["dropped_at_load"] == {"invalid JSON": 1}
     assert sum(s["conversations_out"] for s in stats["splits"].values()) == len(GOOD)
+    # The same counts, in one line for the console.
+    assert said == [
+        "dropped 9 rows: train 5 (2 missing or empty messages, 1 malformed message, 1 no assistant turn, 1 non-string content); "
+        f"test 3 (1 missing or empty messages, 1 non-string content, 1 unknown role); at load 1 (1 invalid JSON); see {tmp_path / 'out' / 'stats.json'}"
+    ]
+    assert (stats["splits"]["train"]["dropped"], stats["splits"]["test"]["dropped"]) == (
+        {"missing or empty messages": 2, "malformed message": 1, "no assistant turn": 1, "non-string content": 1},
+        {"missing or empty messages": 1, "non-string content": 1, "unknown role": 1},
+    )
 
 
 JSON_LIKE = ["243", "[1, 2]", '{"a": 1}', "null", "true"]

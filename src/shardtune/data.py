@@ -722,9 +722,25 @@ def _load_errors(record, cfg):
     return dict(Counter(_kind(b["reason"]) for b in bad))
 
 
-def prepare(dataset_dir, model_dir, settings, out_dir, log=print, num_proc=None):
+def _dropped_line(stats, stats_path):
+    """One line on what was dropped, by split and reason, or None when nothing was."""
+    parts = [(split, s["dropped"]) for split, s in stats["splits"].items()] + [("at load", stats["dropped_at_load"])]
+    parts = [(where, counts) for where, counts in parts if counts]
+    if not parts:
+        return None
+    total = sum(n for _, counts in parts for n in counts.values())
+
+    def reasons(counts):
+        return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    detail = "; ".join(f"{where} {sum(counts.values())} ({reasons(counts)})" for where, counts in parts)
+    return f"dropped {total} row{'s' if total != 1 else ''}: {detail}; see {stats_path}"
+
+
+def prepare(dataset_dir, model_dir, settings, out_dir, log=print, num_proc=None, console=None):
     """Tokenize and pack the fetched data set; write data/ (train, test), tokenizer/,
-    stats.json and lengths.png into out_dir, all at once."""
+    stats.json and lengths.png into out_dir, all at once. `console` says a line to the user
+    (as well as the log): how many rows were dropped, if any."""
     start = time.perf_counter()
     cfg = {
         "format": "auto",
@@ -777,4 +793,7 @@ def prepare(dataset_dir, model_dir, settings, out_dir, log=print, num_proc=None)
         plot_lengths(lengths, cfg["max_seq_len"], tmp / "lengths.png")
         write_json(tmp / "stats.json", stats)
     log(f"wrote {out_dir}; {round(time.perf_counter() - start, 1)} s in all")
+    dropped = _dropped_line(stats, Path(out_dir) / "stats.json")
+    if dropped:
+        (console or log)(dropped)
     return stats

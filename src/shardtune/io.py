@@ -37,10 +37,14 @@ def read_json(path):
 
 
 @contextlib.contextmanager
-def job(log_path):
+def job(log_path, name=None):
     """Run a workflow step with its output in `log_path`. A UserError ends the step with
     one line on the console and in the log, and a non-zero exit; anything else keeps its
-    traceback in the log."""
+    traceback in the log.
+
+    Yields `log(*parts)`, which writes a line to the log; `log.console(*parts)` writes it to
+    the log and to the console too (prefixed with the step's `name`), for what the user
+    should see without opening the log."""
     import sys
     import traceback
 
@@ -50,8 +54,17 @@ def job(log_path):
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", buffering=1) as log:
         sys.stdout = sys.stderr = log
+
+        def to_log(*parts):
+            print(*parts, file=log, flush=True)
+
+        def to_console(*parts):
+            to_log(*parts)
+            print(*([f"{name}:"] if name else []), *parts, file=console, flush=True)
+
+        to_log.console = to_console
         try:
-            yield lambda *parts: print(*parts, file=log, flush=True)
+            yield to_log
         except UserError as err:
             print(f"ERROR: {err}", file=log)
             print(f"ERROR: {err}", file=console)
