@@ -216,6 +216,31 @@ def test_fetch_writes_all_or_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.jsonl", "out"]
 
 
+@pytest.mark.parametrize("suffix, column", [(".jsonl", 16), (".json", 16), (".csv", 6)])
+def test_bytes_that_are_not_utf8_stop_the_fetch_with_their_line(tmp_path, suffix, column):
+    # Line 17 holds "café " (é: two bytes, one column) and then a byte that is not UTF-8.
+    if suffix == ".csv":
+        lines = [b"text"] + [b"row %d" % i for i in range(1, 30)]
+        lines[16] = b"caf\xc3\xa9 \xff"
+    else:
+        lines = [json.dumps({"text": f"row {i}"}).encode() for i in range(30)]
+        lines[16] = b'{"text": "caf\xc3\xa9 \xff"}'
+    body = b"[" + b",\n".join(lines) + b"]" if suffix == ".json" else b"\n".join(lines)
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(body + b"\n")
+    with pytest.raises(SourceError) as err:
+        fetch_dataset(dataset_spec(path), tmp_path / "out")
+    assert str(err.value) == f"{path}: line 17: not UTF-8 (byte 0xff at column {column})"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+    folder = tmp_path / "files"  # a folder of data files is checked the same way
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", ROWS)
+    (folder / "test.jsonl").write_bytes(b'{"messages": "\xc3"}\n')
+    with pytest.raises(SourceError, match=r"test.jsonl: line 1: not UTF-8 \(byte 0xc3 at column 15\)$"):
+        load_source(dataset_spec(folder))
+
+
 def test_one_named_split_always_cuts_the_test_split(tmp_path):
     both = datasets.DatasetDict(train=datasets.Dataset.from_list(ROWS[:10]), test=datasets.Dataset.from_list(ROWS[10:]))
     both.save_to_disk(str(tmp_path / "dict"))

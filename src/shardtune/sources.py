@@ -6,6 +6,7 @@ A fetched data set is `data/` (a DatasetDict with `train` and `test`, saved with
 not be parsed; every row keeps its source row number (column `ROW_COLUMN`). The prepare step
 reads these to name the file and row of a bad conversation."""
 
+import codecs
 import json
 from pathlib import Path
 
@@ -98,12 +99,34 @@ def _load_json(path):
     return _from_rows(rows), bad
 
 
+def _check_utf8(path):
+    """Stop at the first byte that is not UTF-8, naming its line and column: the Arrow JSON
+    reader passes such bytes on, and only a later step would fail, naming neither."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as handle:
+        try:
+            while chunk := handle.read(1 << 24):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+            return
+        except UnicodeDecodeError:
+            handle.seek(0)
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                column = len(line[: err.start].decode("utf-8")) + 1
+                raise SourceError(f"{path}: line {number}: not UTF-8 (byte 0x{line[err.start]:02x} at column {column})") from None
+
+
 def _load_file(path):
     fmt = LOCAL_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise SourceError(f"dataset.source: {path}: unknown file type (use {', '.join(LOCAL_FORMATS)}, or a directory)")
     if path.stat().st_size == 0:
         raise SourceError(f"dataset.source: {path} is empty")
+    if fmt in ("json", "csv"):
+        _check_utf8(path)
     if fmt == "json":
         return _load_json(path)
     try:
@@ -127,6 +150,10 @@ def _load_local(path, wanted):
                 loaded = datasets.DatasetDict({wanted[0]: loaded})
             return Loaded(dict(loaded), {name: f"{path} (split '{name}')" for name in loaded}, available=list(loaded))
         # A folder of data files (train.jsonl, test.parquet, ...): the same loader as for the hub.
+        for file in sorted(path.rglob("*")):
+            hidden = any(part.startswith(".") for part in file.relative_to(path).parts)  # as datasets skips them
+            if file.suffix.lower() in (".jsonl", ".json", ".csv") and file.is_file() and not hidden:
+                _check_utf8(file)
         return _load_hub(str(path), None, None, wanted, label=str(path))
     ds, bad = _load_file(path)
     # One file is one split: the first of dataset.splits.
