@@ -40,7 +40,7 @@ from shardtune.data import (
 )
 from shardtune.io import read_json, write_json
 from shardtune.sources import ROW_COLUMN, fetch_dataset, model_path
-from shardtune.templates import CHATML
+from shardtune.templates import CHATML, chat_template
 
 QUIET = dict(log=lambda *a: None)
 
@@ -537,6 +537,33 @@ def test_template_errors_are_bad_rows(builtin_model, tmp_path):
     _, stats, _ = split_of(rows, data_cfg(chat_template_format=str(strict), on_bad_row="skip"), tokenizer)
     assert stats["dropped"] == {"chat template error": 1}
 
+
+
+def test_a_template_that_does_not_compile_stops_before_any_row(builtin_model, tmp_path):
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{% generation %}\n{{ m['content'] }\n{% endgeneration %}{% endfor %}")
+    with pytest.raises(DataError) as err:
+        prepare_file(tmp_path, builtin_model, [json.dumps(r) for r in GOOD], chat_template_format=str(broken), on_bad_row="skip")
+    assert str(err.value) == f"data.chat_template_format: {broken}: line 2: Jinja syntax error: unexpected '}}'"
+    broken.write_text("{% for m in messages %}\n\n{{ m['content'] | shout }}{% endfor %}")
+    with pytest.raises(DataError, match=rf"^data.chat_template_format: {re.escape(str(broken))}: line 3: Jinja syntax error: No filter named 'shout'.$"):
+        load_tokenizer(builtin_model, str(broken))
+    model_template = type("Tokenizer", (), {"chat_template": "{% if %}"})()
+    with pytest.raises(DataError, match=r"^data.chat_template_format: tokenizer \(the model's own template\): line 1: Jinja syntax error"):
+        chat_template("tokenizer", model_template)
+
+
+@pytest.mark.parametrize("on_bad_row", ["error", "skip"])
+def test_a_template_that_fails_on_every_row_is_one_template_error(builtin_model, tmp_path, on_bad_row):
+    failing = tmp_path / "failing.jinja"
+    failing.write_text("{% for m in messages %}\n{% generation %}{{ m['content'].upper(1) }}{% endgeneration %}{% endfor %}")
+    with pytest.raises(DataError) as err:
+        prepare_file(tmp_path, builtin_model, [json.dumps(r) for r in GOOD], chat_template_format=str(failing), on_bad_row=on_bad_row)
+    assert str(err.value) == (
+        f"data.chat_template_format: {failing}: the template fails on each of the first 6 conversations: "
+        "str.upper() takes no arguments (1 given) (template line 2)"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_trl_bfd_packing_is_reproduced_exactly():

@@ -33,7 +33,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from .errors import UserError
 from .io import atomic_dir, read_json, write_json
 from .sources import ROW_COLUMN, model_path
-from .templates import FORMAT_EOS, FORMAT_TOKENS, chat_template, has_generation_block
+from .templates import FORMAT_EOS, FORMAT_TOKENS, chat_template, has_generation_block, template_line, template_name
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -48,6 +48,8 @@ RENDER_BATCH = 1000
 TOKENIZE_CHUNK = 1024  # rows per encode_batch call: enough for the Rust threads, bounded memory
 WORKER_MIN_ROWS = 1000  # a worker process for fewer rows than this is not worth its start
 TASKS_PER_WORKER = 8  # shares per worker: less time with one worker idle at the end
+PROBE_ROWS = 16  # rendered first: when all fail alike, the template is at fault, not the rows
+TEMPLATE_ERROR = "chat template error"
 
 
 class DataError(UserError):
@@ -215,7 +217,8 @@ def _render_batch(batch, *, fmt, fields, template, template_kwargs, with_spans=T
                     [conv], chat_template=template, return_assistant_tokens_mask=with_spans, **template_kwargs
                 )
             except Exception as err:
-                reasons[i] = f"chat template error: {err}"
+                line = template_line(err)
+                reasons[i] = f"{TEMPLATE_ERROR}: {err}" + (f" (template line {line})" if line else "")
                 continue
             rendered += text
             indices += idx
@@ -537,6 +540,19 @@ class SplitReport:
         return f"{origin}, row {row}" + (f" (line {line})" if line else "")
 
 
+def _probe_template(ds, render, fmt_name):
+    """Render the first rows; when every one that reaches the template fails with the same
+    error, stop with it once (naming the template) instead of as a bad row per row."""
+    reasons = _render_batch(ds[:PROBE_ROWS], **render)["reason"]
+    reached = [r for r in reasons if not r or r.startswith(TEMPLATE_ERROR)]
+    if len(reached) >= 2 and reached[0] and all(r == reached[0] for r in reached):
+        error = reached[0][len(TEMPLATE_ERROR) + 2 :]
+        raise DataError(
+            f"data.chat_template_format: {template_name(fmt_name)}: the template fails on each of the first "
+            f"{len(reached)} conversations: {error}"
+        )
+
+
 def _bad_row_error(report, row, reason, others):
     more = f" ({others} more bad row{'s' if others != 1 else ''} in this split)" if others else ""
     return DataError(f"{report.where(row)}: {reason}{more}; set data.on_bad_row: skip to drop such rows")
@@ -580,6 +596,8 @@ def prepare_split(ds, split, cfg, tokenizer, *, report, num_proc=1, log=print):
         assistant_only=assistant_only,
         stop_on_bad=cfg["on_bad_row"] == "error",
     )
+    if fmt != "text":
+        _probe_template(ds, kwargs["render"], cfg["chat_template_format"])
     bad, parts, busy = [], [], Counter()
     progress = datasets.utils.tqdm(total=len(ds), desc=f"render and tokenize {split}", unit=" rows")
     with progress:
