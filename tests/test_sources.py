@@ -1,14 +1,19 @@
 """Data set sources: built-in, local files (JSONL, JSON, Parquet, CSV), save_to_disk and
-data-file directories, and hub ids (the real datasets calls, checked without network)."""
+data-file directories, and hub ids (the real datasets calls, checked without network); and
+where a fetched model's files are found."""
 
+import copy
 import json
+import shutil
 
 import datasets
 import pytest
-from data_fixtures import chat, dataset_spec, write_jsonl
+from data_fixtures import DEFAULTS, chat, dataset_spec, write_jsonl
+from transformers import AutoTokenizer
 
 from shardtune.io import read_json
-from shardtune.sources import ROW_COLUMN, SourceError, fetch_dataset, load_raw_dataset, load_source
+from shardtune.sources import ROW_COLUMN, SourceError, fetch_dataset, fetch_model, load_raw_dataset, load_source, model_path
+from shardtune.templates import CHATML
 
 ROWS = [chat(f"q{i}", f"a{i}") for i in range(20)]
 
@@ -252,3 +257,29 @@ def test_a_fetched_data_set_can_be_a_source_again(tmp_path):
     fetch_dataset(dataset_spec(write_jsonl(tmp_path / "ok.jsonl", ROWS)), tmp_path / "first")
     raw = load_raw_dataset(dataset_spec(tmp_path / "first" / "data"))
     assert sorted(raw["test"][ROW_COLUMN]) == list(range(len(raw["test"])))  # renumbered for the new source
+
+
+def test_a_fetched_model_does_not_depend_on_where_the_project_is(tmp_path, monkeypatch):
+    project = tmp_path.resolve() / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    fetch_model(copy.deepcopy(DEFAULTS["model"]), "resources/models/builtin")
+    # A local model directory, given relative to the working directory: kept as given.
+    fetch_model({**copy.deepcopy(DEFAULTS["model"]), "source": "resources/models/builtin/files"}, "resources/models/local")
+    assert read_json(project / "resources/models/builtin/source.json")["path"] == "files"
+    assert read_json(project / "resources/models/local/source.json")["path"] == "resources/models/builtin/files"
+
+    moved = tmp_path.resolve() / "moved"
+    project.rename(moved)
+    monkeypatch.chdir(moved)
+    files = moved / "resources/models/builtin/files"
+    assert model_path(moved / "resources/models/builtin") == model_path("resources/models/local") == str(files)
+    assert AutoTokenizer.from_pretrained(model_path("resources/models/builtin")).chat_template == CHATML
+
+    shutil.rmtree(files)
+    with pytest.raises(SourceError) as err:
+        model_path("resources/models/local")
+    assert str(err.value) == (
+        f"resources/models/local/source.json: the model directory {files} does not exist; "
+        "delete resources/models/local to fetch the model again"
+    )

@@ -254,7 +254,7 @@ def fetch_model(spec, out_dir):
             from .builtin_model import build_model
 
             record["parameters"] = build_model(tmp / "files", spec["builtin"])
-            record["path"] = str((Path(out_dir) / "files").resolve())
+            record["path"] = "files"  # beside source.json: the resources directory can move
         elif source.startswith(HUB_PREFIX):
             from huggingface_hub import snapshot_download
 
@@ -270,10 +270,20 @@ def fetch_model(spec, out_dir):
             path = Path(source)
             if not (path / "config.json").is_file():
                 raise SourceError(f"model.source: {path} is not a model directory (no config.json)")
-            record["path"] = str(path.resolve())
+            record["path"] = source  # as given; a relative path is from the working directory
         write_json(tmp / "source.json", record)
 
 
 def model_path(model_dir):
-    """The directory holding the model files for a fetched model."""
-    return read_json(Path(model_dir) / "source.json")["path"]
+    """The directory holding the model files for a fetched model, as an absolute path: the
+    built-in model's `path` in source.json is relative to source.json's directory, a local
+    model's is as the user gave it, a hub snapshot's is absolute."""
+    record_path = Path(model_dir) / "source.json"
+    record = read_json(record_path)
+    path = Path(record["path"])
+    if record.get("source") == "builtin":
+        path = Path(model_dir) / path  # (an absolute path, written by older versions, stays as it is)
+    path = path.resolve()
+    if not path.is_dir():
+        raise SourceError(f"{record_path}: the model directory {path} does not exist; delete {model_dir} to fetch the model again")
+    return str(path)
