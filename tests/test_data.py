@@ -40,7 +40,7 @@ from shardtune.data import (
 )
 from shardtune.io import read_json, write_json
 from shardtune.sources import ROW_COLUMN, fetch_dataset, model_path
-from shardtune.templates import CHATML
+from shardtune.templates import CHATML, chat_template
 
 QUIET = dict(log=lambda *a: None)
 
@@ -391,14 +391,16 @@ BAD_ROWS = {
     ),
     "no role": ({"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}, r"messages\[0\] has no role"),
     "no assistant turn": ({"messages": [{"role": "user", "content": "hi"}]}, r"row 5 \(line 6\): no assistant turn"),
+    # Text among lists is a string as written, not JSON to parse (only a column of text is).
+    "messages as text": ({"messages": json.dumps(chat()["messages"])}, r"row 5 \(line 6\): missing or empty messages: messages is a str"),
 }
 
 
-def prepare_file(tmp_path, model, lines, **data):
+def prepare_file(tmp_path, model, lines, console=None, **data):
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(line + "\n" for line in lines))
     fetch_dataset(dataset_spec(path, test_size=0.25), tmp_path / "ds")
-    return prepare(tmp_path / "ds", model, {"data": data_cfg(**data)}, tmp_path / "out", num_proc=1, **QUIET)
+    return prepare(tmp_path / "ds", model, {"data": data_cfg(**data)}, tmp_path / "out", num_proc=1, console=console, **QUIET)
 
 
 @pytest.mark.parametrize("case", list(BAD_ROWS))
@@ -424,12 +426,13 @@ def test_invalid_json_line_stops_with_its_line(tmp_path, builtin_model):
 
 def test_skip_drops_and_counts_every_bad_row_by_reason(tmp_path, builtin_model):
     lines = [json.dumps(r) for r in GOOD] + [json.dumps(row) for row, _ in BAD_ROWS.values()] + ["{broken"]
-    stats = prepare_file(tmp_path, builtin_model, lines, on_bad_row="skip")
+    said = []
+    stats = prepare_file(tmp_path, builtin_model, lines, on_bad_row="skip", console=said.append)
     dropped = Counter()
     for split in stats["splits"].values():
         dropped.update(split["dropped"])
     assert dict(dropped) == {
-        "missing or empty messages": 2,
+        "missing or empty messages": 3,
         "unknown role": 1,
         "non-string content": 2,
         "malformed message": 1,
@@ -437,6 +440,39 @@ def test_skip_drops_and_counts_every_bad_row_by_reason(tmp_path, builtin_model):
     }
     assert stats["dropped_at_load"] == {"invalid JSON": 1}
     assert sum(s["conversations_out"] for s in stats["splits"].values()) == len(GOOD)
+    # The same counts, in one line for the console.
+    assert said == [
+        "dropped 9 rows: train 5 (2 missing or empty messages, 1 malformed message, 1 no assistant turn, 1 non-string content); "
+        f"test 3 (1 missing or empty messages, 1 non-string content, 1 unknown role); at load 1 (1 invalid JSON); see {tmp_path / 'out' / 'stats.json'}"
+    ]
+    assert (stats["splits"]["train"]["dropped"], stats["splits"]["test"]["dropped"]) == (
+        {"missing or empty messages": 2, "malformed message": 1, "no assistant turn": 1, "non-string content": 1},
+        {"missing or empty messages": 1, "non-string content": 1, "unknown role": 1},
+    )
+
+
+JSON_LIKE = ["243", "[1, 2]", '{"a": 1}', "null", "true"]
+
+
+def test_json_like_text_next_to_a_mixed_type_row_stays_text(tmp_path, builtin_model):
+    # One int content makes the field mixed-type; contents that read as JSON stay the strings they are.
+    rows = [chat(f"question {i}", JSON_LIKE[i % 5] if i % 2 else f"answer {i}") for i in range(300)]
+    rows[150]["messages"][1]["content"] = 7
+    lines = [json.dumps(r) for r in rows]
+    with pytest.raises(DataError) as err:
+        prepare_file(tmp_path, builtin_model, lines)
+    assert str(err.value) == (
+        f"{tmp_path / 'chats.jsonl'}, row 150 (line 151): non-string content: messages[1] (assistant) has int content; "
+        "set data.on_bad_row: skip to drop such rows"
+    )
+    stats = prepare_file(tmp_path, builtin_model, lines, on_bad_row="skip")
+    assert [s["dropped"] for s in stats["splits"].values()].count({"non-string content": 1}) == 1
+    assert sum(s["conversations_out"] for s in stats["splits"].values()) == 299
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out" / "tokenizer")
+    data = datasets.load_from_disk(str(tmp_path / "out" / "data"))
+    text = "".join(tokenizer.decode(ids) for split in data.values() for ids in split["input_ids"])
+    for value in JSON_LIKE:
+        assert text.count(f"<|im_start|>assistant\n{value}<|im_end|>") == 30, value
 
 
 def test_sharegpt_rows_are_checked(chatml_tokenizer):
@@ -501,6 +537,33 @@ def test_template_errors_are_bad_rows(builtin_model, tmp_path):
     _, stats, _ = split_of(rows, data_cfg(chat_template_format=str(strict), on_bad_row="skip"), tokenizer)
     assert stats["dropped"] == {"chat template error": 1}
 
+
+
+def test_a_template_that_does_not_compile_stops_before_any_row(builtin_model, tmp_path):
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{% generation %}\n{{ m['content'] }\n{% endgeneration %}{% endfor %}")
+    with pytest.raises(DataError) as err:
+        prepare_file(tmp_path, builtin_model, [json.dumps(r) for r in GOOD], chat_template_format=str(broken), on_bad_row="skip")
+    assert str(err.value) == f"data.chat_template_format: {broken}: line 2: Jinja syntax error: unexpected '}}'"
+    broken.write_text("{% for m in messages %}\n\n{{ m['content'] | shout }}{% endfor %}")
+    with pytest.raises(DataError, match=rf"^data.chat_template_format: {re.escape(str(broken))}: line 3: Jinja syntax error: No filter named 'shout'.$"):
+        load_tokenizer(builtin_model, str(broken))
+    model_template = type("Tokenizer", (), {"chat_template": "{% if %}"})()
+    with pytest.raises(DataError, match=r"^data.chat_template_format: tokenizer \(the model's own template\): line 1: Jinja syntax error"):
+        chat_template("tokenizer", model_template)
+
+
+@pytest.mark.parametrize("on_bad_row", ["error", "skip"])
+def test_a_template_that_fails_on_every_row_is_one_template_error(builtin_model, tmp_path, on_bad_row):
+    failing = tmp_path / "failing.jinja"
+    failing.write_text("{% for m in messages %}\n{% generation %}{{ m['content'].upper(1) }}{% endgeneration %}{% endfor %}")
+    with pytest.raises(DataError) as err:
+        prepare_file(tmp_path, builtin_model, [json.dumps(r) for r in GOOD], chat_template_format=str(failing), on_bad_row=on_bad_row)
+    assert str(err.value) == (
+        f"data.chat_template_format: {failing}: the template fails on each of the first 6 conversations: "
+        "str.upper() takes no arguments (1 given) (template line 2)"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_trl_bfd_packing_is_reproduced_exactly():

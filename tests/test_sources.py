@@ -1,14 +1,19 @@
 """Data set sources: built-in, local files (JSONL, JSON, Parquet, CSV), save_to_disk and
-data-file directories, and hub ids (the real datasets calls, checked without network)."""
+data-file directories, and hub ids (the real datasets calls, checked without network); and
+where a fetched model's files are found."""
 
+import copy
 import json
+import shutil
 
 import datasets
 import pytest
-from data_fixtures import chat, dataset_spec, write_jsonl
+from data_fixtures import DEFAULTS, chat, dataset_spec, write_jsonl
+from transformers import AutoTokenizer
 
 from shardtune.io import read_json
-from shardtune.sources import ROW_COLUMN, SourceError, fetch_dataset, load_raw_dataset, load_source
+from shardtune.sources import ROW_COLUMN, SourceError, fetch_dataset, fetch_model, load_raw_dataset, load_source, model_path
+from shardtune.templates import CHATML
 
 ROWS = [chat(f"q{i}", f"a{i}") for i in range(20)]
 
@@ -143,6 +148,18 @@ def test_mixed_types_load_so_that_each_row_can_be_checked(tmp_path):
     assert [b["line"] for b in record["bad_lines"]] == [3]
 
 
+def test_mixed_type_fields_keep_every_value_as_written(tmp_path):
+    # datasets' own Json encoding would turn the string "243" into the number 243.
+    texts = ["243", "[1, 2]", '{"a": 1}', "null", "true", "x"]
+    rows = [{**chat("q", text), "id": text} for text in texts * 10]
+    rows[3]["messages"][1]["content"], rows[4]["id"] = 7, 7
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    raw, record = load_source(dataset_spec(path))
+    values = {row[ROW_COLUMN]: {"messages": row["messages"], "id": row["id"]} for split in raw.values() for row in split}
+    assert [values[i] for i in range(len(rows))] == rows
+    assert record["bad_lines"] == []
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
@@ -204,6 +221,31 @@ def test_fetch_writes_all_or_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.jsonl", "out"]
 
 
+@pytest.mark.parametrize("suffix, column", [(".jsonl", 16), (".json", 16), (".csv", 6)])
+def test_bytes_that_are_not_utf8_stop_the_fetch_with_their_line(tmp_path, suffix, column):
+    # Line 17 holds "café " (é: two bytes, one column) and then a byte that is not UTF-8.
+    if suffix == ".csv":
+        lines = [b"text"] + [b"row %d" % i for i in range(1, 30)]
+        lines[16] = b"caf\xc3\xa9 \xff"
+    else:
+        lines = [json.dumps({"text": f"row {i}"}).encode() for i in range(30)]
+        lines[16] = b'{"text": "caf\xc3\xa9 \xff"}'
+    body = b"[" + b",\n".join(lines) + b"]" if suffix == ".json" else b"\n".join(lines)
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(body + b"\n")
+    with pytest.raises(SourceError) as err:
+        fetch_dataset(dataset_spec(path), tmp_path / "out")
+    assert str(err.value) == f"{path}: line 17: not UTF-8 (byte 0xff at column {column})"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+    folder = tmp_path / "files"  # a folder of data files is checked the same way
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", ROWS)
+    (folder / "test.jsonl").write_bytes(b'{"messages": "\xc3"}\n')
+    with pytest.raises(SourceError, match=r"test.jsonl: line 1: not UTF-8 \(byte 0xc3 at column 15\)$"):
+        load_source(dataset_spec(folder))
+
+
 def test_one_named_split_always_cuts_the_test_split(tmp_path):
     both = datasets.DatasetDict(train=datasets.Dataset.from_list(ROWS[:10]), test=datasets.Dataset.from_list(ROWS[10:]))
     both.save_to_disk(str(tmp_path / "dict"))
@@ -215,3 +257,29 @@ def test_a_fetched_data_set_can_be_a_source_again(tmp_path):
     fetch_dataset(dataset_spec(write_jsonl(tmp_path / "ok.jsonl", ROWS)), tmp_path / "first")
     raw = load_raw_dataset(dataset_spec(tmp_path / "first" / "data"))
     assert sorted(raw["test"][ROW_COLUMN]) == list(range(len(raw["test"])))  # renumbered for the new source
+
+
+def test_a_fetched_model_does_not_depend_on_where_the_project_is(tmp_path, monkeypatch):
+    project = tmp_path.resolve() / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    fetch_model(copy.deepcopy(DEFAULTS["model"]), "resources/models/builtin")
+    # A local model directory, given relative to the working directory: kept as given.
+    fetch_model({**copy.deepcopy(DEFAULTS["model"]), "source": "resources/models/builtin/files"}, "resources/models/local")
+    assert read_json(project / "resources/models/builtin/source.json")["path"] == "files"
+    assert read_json(project / "resources/models/local/source.json")["path"] == "resources/models/builtin/files"
+
+    moved = tmp_path.resolve() / "moved"
+    project.rename(moved)
+    monkeypatch.chdir(moved)
+    files = moved / "resources/models/builtin/files"
+    assert model_path(moved / "resources/models/builtin") == model_path("resources/models/local") == str(files)
+    assert AutoTokenizer.from_pretrained(model_path("resources/models/builtin")).chat_template == CHATML
+
+    shutil.rmtree(files)
+    with pytest.raises(SourceError) as err:
+        model_path("resources/models/local")
+    assert str(err.value) == (
+        f"resources/models/local/source.json: the model directory {files} does not exist; "
+        "delete resources/models/local to fetch the model again"
+    )

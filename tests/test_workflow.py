@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import copy_workflow, default_config, jobs_in_dry_run, snakemake
 from shardtune.checkpoints import MARKER, checkpoints
+from shardtune.sources import model_path
 
 
 def read_json(path):
@@ -43,7 +44,7 @@ def test_adapter_loads_with_peft_and_reproduces_trained_logits(demo_run):
     adapter = demo_run / "results/demo/adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     probe = load_file(str(demo_run / "results/demo/train/probe.safetensors"))
-    base_path = read_json(next((demo_run / "resources/models").glob("*/source.json")))["path"]
+    base_path = model_path(next((demo_run / "resources/models").glob("*/source.json")).parent)
     inputs = {"input_ids": probe["input_ids"], "position_ids": probe["position_ids"], "use_cache": False}
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
     with torch.no_grad():

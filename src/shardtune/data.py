@@ -33,7 +33,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from .errors import UserError
 from .io import atomic_dir, read_json, write_json
 from .sources import ROW_COLUMN, model_path
-from .templates import FORMAT_EOS, FORMAT_TOKENS, chat_template, has_generation_block
+from .templates import FORMAT_EOS, FORMAT_TOKENS, chat_template, has_generation_block, template_line, template_name
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -48,6 +48,8 @@ RENDER_BATCH = 1000
 TOKENIZE_CHUNK = 1024  # rows per encode_batch call: enough for the Rust threads, bounded memory
 WORKER_MIN_ROWS = 1000  # a worker process for fewer rows than this is not worth its start
 TASKS_PER_WORKER = 8  # shares per worker: less time with one worker idle at the end
+PROBE_ROWS = 16  # rendered first: when all fail alike, the template is at fault, not the rows
+TEMPLATE_ERROR = "chat template error"
 
 
 class DataError(UserError):
@@ -153,6 +155,16 @@ def _from_prompt_completion(values, fields):
 CONVERTERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "prompt_completion": _from_prompt_completion}
 
 
+def json_text_columns(features, fmt, fields):
+    """The columns whose text is parsed as JSON per row: a messages or conversations column
+    stored as text (e.g. from CSV). In a column of mixed types (datasets' Json) every value is
+    kept as the file wrote it: a string there stays a string."""
+    if fmt in ("prompt_completion", "text"):
+        return set()
+    text = (datasets.Value("string"), datasets.Value("large_string"))
+    return {column for column in fields.values() if features.get(column) in text}
+
+
 def _parse_json_text(value, field):
     if not isinstance(value, str):
         return value, None
@@ -162,8 +174,9 @@ def _parse_json_text(value, field):
         return None, f"invalid JSON: {field} holds text that is not JSON ({err.msg})"
 
 
-def _render_batch(batch, *, fmt, fields, template, template_kwargs, with_spans=True):
-    """datasets.map function: one batch of raw rows -> text, assistant char spans, reason."""
+def _render_batch(batch, *, fmt, fields, template, template_kwargs, with_spans=True, json_columns=()):
+    """datasets.map function: one batch of raw rows -> text, assistant char spans, reason.
+    `json_columns` hold JSON text (see json_text_columns)."""
     n = len(batch[next(iter(fields.values()))])
     texts, spans, reasons = [""] * n, [[] for _ in range(n)], [""] * n
     if fmt == "text":
@@ -181,7 +194,7 @@ def _render_batch(batch, *, fmt, fields, template, template_kwargs, with_spans=T
         values, reason = {}, None
         for field, column in fields.items():
             values[field] = batch[column][i]
-            if fmt != "prompt_completion" and isinstance(values[field], str):  # e.g. from CSV
+            if column in json_columns and isinstance(values[field], str):  # e.g. from CSV
                 values[field], reason = _parse_json_text(values[field], column)
                 if reason:
                     break
@@ -204,7 +217,8 @@ def _render_batch(batch, *, fmt, fields, template, template_kwargs, with_spans=T
                     [conv], chat_template=template, return_assistant_tokens_mask=with_spans, **template_kwargs
                 )
             except Exception as err:
-                reasons[i] = f"chat template error: {err}"
+                line = template_line(err)
+                reasons[i] = f"{TEMPLATE_ERROR}: {err}" + (f" (template line {line})" if line else "")
                 continue
             rendered += text
             indices += idx
@@ -526,6 +540,19 @@ class SplitReport:
         return f"{origin}, row {row}" + (f" (line {line})" if line else "")
 
 
+def _probe_template(ds, render, fmt_name):
+    """Render the first rows; when every one that reaches the template fails with the same
+    error, stop with it once (naming the template) instead of as a bad row per row."""
+    reasons = _render_batch(ds[:PROBE_ROWS], **render)["reason"]
+    reached = [r for r in reasons if not r or r.startswith(TEMPLATE_ERROR)]
+    if len(reached) >= 2 and reached[0] and all(r == reached[0] for r in reached):
+        error = reached[0][len(TEMPLATE_ERROR) + 2 :]
+        raise DataError(
+            f"data.chat_template_format: {template_name(fmt_name)}: the template fails on each of the first "
+            f"{len(reached)} conversations: {error}"
+        )
+
+
 def _bad_row_error(report, row, reason, others):
     more = f" ({others} more bad row{'s' if others != 1 else ''} in this split)" if others else ""
     return DataError(f"{report.where(row)}: {reason}{more}; set data.on_bad_row: skip to drop such rows")
@@ -562,12 +589,15 @@ def prepare_split(ds, split, cfg, tokenizer, *, report, num_proc=1, log=print):
             template=template,
             template_kwargs=dict(tokenizer.special_tokens_map),
             with_spans=assistant_only,
+            json_columns=json_text_columns(ds.features, fmt, fields),
         ),
         tokenizer=tokenizer,
         add_special_tokens=cfg["add_special_tokens"],
         assistant_only=assistant_only,
         stop_on_bad=cfg["on_bad_row"] == "error",
     )
+    if fmt != "text":
+        _probe_template(ds, kwargs["render"], cfg["chat_template_format"])
     bad, parts, busy = [], [], Counter()
     progress = datasets.utils.tqdm(total=len(ds), desc=f"render and tokenize {split}", unit=" rows")
     with progress:
@@ -710,9 +740,25 @@ def _load_errors(record, cfg):
     return dict(Counter(_kind(b["reason"]) for b in bad))
 
 
-def prepare(dataset_dir, model_dir, settings, out_dir, log=print, num_proc=None):
+def _dropped_line(stats, stats_path):
+    """One line on what was dropped, by split and reason, or None when nothing was."""
+    parts = [(split, s["dropped"]) for split, s in stats["splits"].items()] + [("at load", stats["dropped_at_load"])]
+    parts = [(where, counts) for where, counts in parts if counts]
+    if not parts:
+        return None
+    total = sum(n for _, counts in parts for n in counts.values())
+
+    def reasons(counts):
+        return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    detail = "; ".join(f"{where} {sum(counts.values())} ({reasons(counts)})" for where, counts in parts)
+    return f"dropped {total} row{'s' if total != 1 else ''}: {detail}; see {stats_path}"
+
+
+def prepare(dataset_dir, model_dir, settings, out_dir, log=print, num_proc=None, console=None):
     """Tokenize and pack the fetched data set; write data/ (train, test), tokenizer/,
-    stats.json and lengths.png into out_dir, all at once."""
+    stats.json and lengths.png into out_dir, all at once. `console` says a line to the user
+    (as well as the log): how many rows were dropped, if any."""
     start = time.perf_counter()
     cfg = {
         "format": "auto",
@@ -765,4 +811,7 @@ def prepare(dataset_dir, model_dir, settings, out_dir, log=print, num_proc=None)
         plot_lengths(lengths, cfg["max_seq_len"], tmp / "lengths.png")
         write_json(tmp / "stats.json", stats)
     log(f"wrote {out_dir}; {round(time.perf_counter() - start, 1)} s in all")
+    dropped = _dropped_line(stats, Path(out_dir) / "stats.json")
+    if dropped:
+        (console or log)(dropped)
     return stats

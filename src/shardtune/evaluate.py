@@ -62,17 +62,18 @@ def conversation_reader(test, data_settings):
     """A function from a raw test row to its messages, read as data preparation reads them
     (data.format, data.columns); None for a row preparation would drop. None instead of a
     function for plain-text data sets, which have no turns to answer."""
-    from .data import CONVERTERS, _parse_json_text, resolve_format
+    from .data import CONVERTERS, _parse_json_text, json_text_columns, resolve_format
 
     fmt, fields = resolve_format(test.column_names, data_settings, "the test split")
     if fmt == "text":
         return None
+    json_columns = json_text_columns(test.features, fmt, fields)
 
     def messages(row):
         values = {}
         for field, column in fields.items():
             values[field], reason = row[column], None
-            if fmt != "prompt_completion" and isinstance(row[column], str):  # e.g. from CSV
+            if column in json_columns and isinstance(row[column], str):  # e.g. from CSV
                 values[field], reason = _parse_json_text(row[column], column)
             if reason:
                 return None

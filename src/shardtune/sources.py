@@ -6,11 +6,13 @@ A fetched data set is `data/` (a DatasetDict with `train` and `test`, saved with
 not be parsed; every row keeps its source row number (column `ROW_COLUMN`). The prepare step
 reads these to name the file and row of a bad conversation."""
 
+import codecs
 import json
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 
 from .builtin_data import build_conversations
 from .errors import UserError
@@ -74,14 +76,22 @@ def _json_rows(path):
 
 def _from_rows(rows):
     """A Dataset from parsed rows; a field with values of several types becomes a Json field,
-    so that every row can still be checked (and named) by the prepare step."""
-    names = list(dict.fromkeys(key for row in rows for key in row))
-    return datasets.Dataset.from_dict({name: [row.get(name) for row in rows] for name in names}, on_mixed_types="use_json")
+    so that every row can still be checked (and named) by the prepare step. Its values are
+    encoded here: datasets' own encoding keeps a string that parses as JSON as it is, so the
+    string "243" would come back as the number 243."""
+    columns = {}
+    for name in dict.fromkeys(key for row in rows for key in row):
+        values = [row.get(name) for row in rows]
+        try:
+            columns[name] = pa.array(values)
+        except pa.ArrowException:  # mixed types
+            columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], type=pa.json_())
+    return datasets.Dataset(pa.table(columns))
 
 
 def _load_json(path):
-    try:  # fast path: the Arrow JSON reader
-        return datasets.load_dataset("json", data_files={"train": str(path)}, split="train"), []
+    try:  # fast path: the Arrow JSON reader; it refuses mixed types (see _from_rows)
+        return datasets.load_dataset("json", data_files={"train": str(path)}, split="train", on_mixed_types=None), []
     except Exception:
         rows, bad = _json_rows(path)
     if not rows:
@@ -90,12 +100,34 @@ def _load_json(path):
     return _from_rows(rows), bad
 
 
+def _check_utf8(path):
+    """Stop at the first byte that is not UTF-8, naming its line and column: the Arrow JSON
+    reader passes such bytes on, and only a later step would fail, naming neither."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as handle:
+        try:
+            while chunk := handle.read(1 << 24):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+            return
+        except UnicodeDecodeError:
+            handle.seek(0)
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                column = len(line[: err.start].decode("utf-8")) + 1
+                raise SourceError(f"{path}: line {number}: not UTF-8 (byte 0x{line[err.start]:02x} at column {column})") from None
+
+
 def _load_file(path):
     fmt = LOCAL_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise SourceError(f"dataset.source: {path}: unknown file type (use {', '.join(LOCAL_FORMATS)}, or a directory)")
     if path.stat().st_size == 0:
         raise SourceError(f"dataset.source: {path} is empty")
+    if fmt in ("json", "csv"):
+        _check_utf8(path)
     if fmt == "json":
         return _load_json(path)
     try:
@@ -119,6 +151,10 @@ def _load_local(path, wanted):
                 loaded = datasets.DatasetDict({wanted[0]: loaded})
             return Loaded(dict(loaded), {name: f"{path} (split '{name}')" for name in loaded}, available=list(loaded))
         # A folder of data files (train.jsonl, test.parquet, ...): the same loader as for the hub.
+        for file in sorted(path.rglob("*")):
+            hidden = any(part.startswith(".") for part in file.relative_to(path).parts)  # as datasets skips them
+            if file.suffix.lower() in (".jsonl", ".json", ".csv") and file.is_file() and not hidden:
+                _check_utf8(file)
         return _load_hub(str(path), None, None, wanted, label=str(path))
     ds, bad = _load_file(path)
     # One file is one split: the first of dataset.splits.
@@ -219,7 +255,7 @@ def fetch_model(spec, out_dir):
             from .builtin_model import build_model
 
             record["parameters"] = build_model(tmp / "files", spec["builtin"])
-            record["path"] = str((Path(out_dir) / "files").resolve())
+            record["path"] = "files"  # beside source.json: the resources directory can move
         elif source.startswith(HUB_PREFIX):
             from huggingface_hub import snapshot_download
 
@@ -238,7 +274,7 @@ def fetch_model(spec, out_dir):
             path = Path(source)
             if not (path / "config.json").is_file():
                 raise SourceError(f"model.source: {path} is not a model directory (no config.json)")
-            record["path"] = str(path.resolve())
+            record["path"] = source  # as given; a relative path is from the working directory
         check_model_dir(tmp / "files" if source == "builtin" else record["path"])
         write_json(tmp / "source.json", record)
 
@@ -262,5 +298,15 @@ def hub_error(err):
 
 
 def model_path(model_dir):
-    """The directory holding the model files for a fetched model."""
-    return read_json(Path(model_dir) / "source.json")["path"]
+    """The directory holding the model files for a fetched model, as an absolute path: the
+    built-in model's `path` in source.json is relative to source.json's directory, a local
+    model's is as the user gave it, a hub snapshot's is absolute."""
+    record_path = Path(model_dir) / "source.json"
+    record = read_json(record_path)
+    path = Path(record["path"])
+    if record.get("source") == "builtin":
+        path = Path(model_dir) / path  # (an absolute path, written by older versions, stays as it is)
+    path = path.resolve()
+    if not path.is_dir():
+        raise SourceError(f"{record_path}: the model directory {path} does not exist; delete {model_dir} to fetch the model again")
+    return str(path)

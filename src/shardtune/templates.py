@@ -46,6 +46,37 @@ def has_generation_block(template):
     return bool(GENERATION_BLOCK.search(template or ""))
 
 
+def template_name(fmt):
+    """How messages name the template of `fmt`."""
+    return "tokenizer (the model's own template)" if fmt == "tokenizer" else fmt
+
+
+def template_line(err):
+    """The template line a render error was raised at (Jinja puts it in the traceback), or None."""
+    line, tb = None, err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _compiled(template, fmt):
+    """`template`, compiled as transformers compiles it: a syntax error stops here, before any row."""
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    from .data import DataError
+
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as err:
+        raise DataError(
+            f"data.chat_template_format: {template_name(fmt)}: line {err.lineno}: Jinja syntax error: {err.message}"
+        ) from None
+    return template
+
+
 def chat_template(fmt, tokenizer=None):
     """The Jinja template for `fmt`: a named format, 'tokenizer' (the model's own), or a file."""
     from .data import DataError  # data imports this module
@@ -60,11 +91,11 @@ def chat_template(fmt, tokenizer=None):
             template = template.get("default")
         if not template:
             raise DataError("data.chat_template_format: 'tokenizer' but the model's tokenizer has no chat template")
-        return template
+        return _compiled(template, fmt)
     path = Path(fmt)
     if not path.is_file():
         raise DataError(f"data.chat_template_format: {fmt!r} is neither chatml, zephyr, tokenizer nor an existing file")
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise DataError(f"data.chat_template_format: {fmt} is empty")
-    return text
+    return _compiled(text, fmt)
