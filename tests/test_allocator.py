@@ -114,7 +114,7 @@ def one_node(tmp_path, monkeypatch):
         monkeypatch.setattr(allocator, "find_library", finder(*present))
         env = {}
         argv = ["--config-file", str(config), "--gpus-per-node", str(gpus), "--", "-m", "shardtune.train"]
-        launch.node_command(launch.parse_args([*argv, "--settings", str(settings)]), env, log=lambda message: print(f"launch: {message}"))
+        launch.node_command(launch.parse_args([*argv, "--settings", str(settings)]), env, log=lambda message, console_too=False: print(f"launch: {message}"))
         return env
 
     return start

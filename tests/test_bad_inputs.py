@@ -143,7 +143,9 @@ MODEL_FILE_CASES = {
 def assert_stopped_before_training(workdir, result, message, prepared=True):
     assert result.returncode != 0
     assert message in result.stdout, result.stdout[-3000:]
-    assert not (workdir / "logs/fsdp_train").exists() and not (workdir / "results/demo/train").exists()
+    assert not (workdir / "results/demo/train").exists()
+    train_log = workdir / "logs/fsdp_train/demo.log"
+    assert not train_log.exists() or "accelerate.commands.launch" not in train_log.read_text()  # no rank started
     if not prepared:
         assert not (workdir / "resources/prepared").exists()
     # one line, not a traceback, on the console
@@ -185,17 +187,21 @@ def test_settings_that_do_not_fit_the_model_stop_before_training(tmp_path, case)
     assert_stopped_before_training(workdir, result, f"ERROR: {message}")
 
 
+def test_flash_attention_without_a_gpu_stops_before_the_ranks_start(tmp_path):
+    workdir = workflow_with(tmp_path, {"model": {"attn_implementation": "flash_attention_2"}})
+    result = snakemake(workdir, "--cores", "2", "train", check=False)
+    assert_stopped_before_training(workdir, result, "ERROR: model.attn_implementation: flash_attention_2 needs flash-attn and a GPU")
+
+
 def test_a_training_failure_shows_one_line_on_the_console(tmp_path):
-    """A rank that raises: the console gets the exception's line and where the log is; every
-    rank's traceback stays in the log."""
-    workdir = workflow_with(tmp_path, {"training": {"max_steps": 1}, "model": {"attn_implementation": "flash_attention_2"}})
+    """A rank that raises (an optimizer whose package is not installed): the console gets the
+    exception's line and where the log is; every rank's traceback stays in the log."""
+    workdir = workflow_with(tmp_path, {"training": {"max_steps": 1, "optim": "galore_adamw"}})
     result = snakemake(workdir, "--cores", "2", "train", check=False)
     assert result.returncode != 0
-    line = "training failed (exit 1): model.attn_implementation: flash_attention_2 needs flash-attn and a GPU"
-    assert line in result.stdout, result.stdout[-3000:]
+    assert "ERROR: training failed (exit 1): ImportError: " in result.stdout, result.stdout[-3000:]
+    assert "galore" in result.stdout.split("ERROR: training failed")[1].splitlines()[0]
     assert "Traceback" not in result.stdout
     log = (workdir / "logs/fsdp_train/demo.log").read_text()
-    assert log.count("ERROR: model.attn_implementation: flash_attention_2 needs flash-attn") == 2  # both ranks
+    assert log.count("Traceback (most recent call last)") >= 2  # each rank's, and the launcher's
     assert not (workdir / "results/demo/train/done.json").exists()
-    assert json.loads((workdir / "results/demo/memory.json").read_text())  # the steps before it ran
-    assert Path(workdir / "logs/fsdp_train/demo.log").stat().st_size > len(line)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from shardtune.config import ConfigError, dataset_key, model_key, prepared_key, resolve_runs
+from shardtune.config import ConfigError, dataset_key, load_schema, model_key, prepared_key, resolve_runs
 
 
 def test_defaults_fill_every_section_and_runs_override_them():
@@ -73,3 +73,14 @@ def test_combinations_that_cannot_work_are_rejected_with_what_to_change(config, 
     with pytest.raises(ConfigError) as err:
         resolve_runs(config)
     assert f"'runs.demo.{key}'" in str(err.value) and hint in str(err.value)
+
+
+def test_library_choices_in_the_schema_are_the_librarys_own_lists():
+    """optim and lr_scheduler_type are checked when the DAG is built (without importing
+    transformers), against lists that must be transformers' own."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    training = load_schema()["$defs"]["training"]["properties"]
+    assert training["optim"]["enum"] == [o.value for o in OptimizerNames]
+    assert training["lr_scheduler_type"]["enum"] == [s.value for s in SchedulerType]

@@ -111,7 +111,7 @@ def job(tmp_path, monkeypatch):
 
 
 def command(argv, env):
-    return launch.job_command(launch.parse_args(argv), env, log=lambda message: None)
+    return launch.job_command(launch.parse_args(argv), env, log=lambda message, console_too=False: None)
 
 
 ALLOCATION = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2"}
@@ -137,7 +137,7 @@ def test_each_node_task_launches_with_its_rank_and_the_first_node_as_main(job):
     for rank in (0, 1):
         env = {**ALLOCATION, "SLURM_PROCID": str(rank), "SLURM_NODEID": str(rank)}
         args = launch.parse_args(["--node-task", *job])
-        launched = launch.node_command(args, env, log=lambda message: None)
+        launched = launch.node_command(args, env, log=lambda message, console_too=False: None)
         # this interpreter's accelerate, not the first one on PATH
         assert launched[:4] == [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
         assert launched[5:] == job[job.index("--") + 1 :]
@@ -245,3 +245,51 @@ def test_plugin_asks_cpu_job_for_one_task_with_the_rule_threads():
     line = sbatch_line(resources(), threads=2)
     assert {"--ntasks=1", "--cpus-per-task=2", "--nodes=1"} <= set(line)
     assert not any(arg.startswith(("--gpus", "--gres")) for arg in line)
+
+
+# --- what a failed training shows on the console --------------------------------------------
+
+RANK_FAILURE = """launch: machine 0 of 1
+[rank0]: Traceback (most recent call last):
+[rank0]:   File "trainer.py", line 1303, in create_optimizer
+[rank0]:     raise ImportError("You need to install `galore_torch`")
+[rank0]: ImportError: You need to install `galore_torch`
+[rank1]: Traceback (most recent call last):
+[rank1]: ImportError: You need to install `galore_torch`
+Traceback (most recent call last):
+  File "torch/distributed/launcher/api.py", line 383, in launch_agent
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+"""
+
+
+def test_error_line_is_the_first_ranks_exception_not_the_launchers():
+    assert launch.error_line(RANK_FAILURE) == "ImportError: You need to install `galore_torch`"
+
+
+def test_error_line_prefers_a_ranks_own_error_line():
+    text = RANK_FAILURE.replace("launch: machine 0 of 1", "[rank1]: ERROR: lora.r: too large for the model")
+    assert launch.error_line(text) == "lora.r: too large for the model"
+    assert launch.error_line("launch: machine 0 of 1\nKilled\n") is None
+
+
+def test_a_failed_launch_names_this_attempts_error_only(tmp_path, monkeypatch):
+    """The log keeps earlier attempts; the console line must come from this one."""
+    log = tmp_path / "train.log"
+    log.write_text("[rank0]: ERROR: from an earlier attempt\n")
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(yaml.safe_dump(BASE))
+    settings = tmp_path / "train_settings.json"
+    settings.write_text(json.dumps({"fsdp": fsdp(), "model": {"attn_implementation": "eager"}}))
+    monkeypatch.setattr(launch, "cuda_device_count", lambda: 0)
+    script = tmp_path / "fails.py"
+    script.write_text("import sys\nprint(open(sys.argv[1]).read(), end='')\nsys.exit(1)\n")
+    failure = tmp_path / "failure.txt"
+    failure.write_text(RANK_FAILURE)
+    # instead of accelerate: a script that prints a real launcher's failure and exits 1
+    monkeypatch.setattr(launch, "accelerate_command", lambda path, args: [sys.executable, str(script), str(failure)])
+    argv = ["--config-file", str(config), "--", "-m", "shardtune.train", "--settings", str(settings)]
+    with pytest.raises(launch.LaunchError) as raised:
+        launch.run(argv, log)
+    assert str(raised.value) == f"training failed (exit 1): ImportError: You need to install `galore_torch` (full output: {log})"
+    assert "ChildFailedError" in log.read_text()  # the whole output stays in the log

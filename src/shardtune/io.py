@@ -81,8 +81,8 @@ def read_json(path):
 @contextlib.contextmanager
 def job(log_path, name=None):
     """Run a workflow step with its output in `log_path`. A UserError ends the step with
-    one line on the console and in the log, and a non-zero exit; anything else keeps its
-    traceback in the log.
+    one line on the console and in the log, and a non-zero exit; anything else too, its
+    traceback kept in the log.
 
     Yields `log(*parts)`, which writes a line to the log; `log.console(*parts)` writes it to
     the log and to the console too (prefixed with the step's `name`), for what the user
@@ -111,8 +111,13 @@ def job(log_path, name=None):
             print(f"ERROR: {err}", file=log)
             print(f"ERROR: {err}", file=console)
             raise SystemExit(1) from None
-        except BaseException:
-            traceback.print_exc(file=log)
+        except (SystemExit, KeyboardInterrupt):
             raise
+        except BaseException as err:
+            # The traceback is for the log; the console gets the line that says what failed.
+            traceback.print_exc(file=log)
+            text = str(err).strip().splitlines()
+            print(f"ERROR: {type(err).__name__}: {text[0] if text else ''} (traceback in {log_path})", file=console)
+            raise SystemExit(1) from None
         finally:
             sys.stdout, sys.stderr = sys.__stdout__, console

@@ -31,6 +31,7 @@ import yaml
 
 from . import allocator
 from .accelerate_config import resolve_num_processes
+from .attention import attention_implementation
 from .errors import UserError
 
 # Set where a job's GPUs are fake (a test cluster's gres without devices): train on CPU ranks.
@@ -271,7 +272,8 @@ def node_command(args, env, log):
     requested = args.settings.get("training", {}).get("allocator", "auto")
     name, updates, why = allocator.select(requested, env, gpus=0 if config["use_cpu"] else cuda_gpus)
     env.update(updates)  # os.environ in a real launch: accelerate and the ranks inherit it
-    log(f"allocator: {name} ({why})" + "".join(f"; {k}={v}" for k, v in updates.items()))
+    # a CPU run on glibc's malloc holds up to 1.5x the memory: worth a line on the console
+    log(f"allocator: {name} ({why})" + "".join(f"; {k}={v}" for k, v in updates.items()), console_too=requested == "auto" and name == "system" and config["use_cpu"])
     log(
         f"machine {config['machine_rank']} of {config['num_machines']}, {config['num_processes']} processes in all,"
         f" use_cpu={config['use_cpu']}, main process {config.get('main_process_ip', 'localhost')}:"
@@ -292,8 +294,10 @@ def job_command(args, env, log):
     return command
 
 
-# What ends a rank's traceback: "ValueError: ...", "torch.OutOfMemoryError: ...".
-_EXCEPTION_LINE = re.compile(r"^(?:\[[^\]]*\]:?\s*)*((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit)\b:?.*)$")
+# A rank's line as torch's launcher prefixes it ("[rank1]: ..."), and the line that ends a
+# traceback ("ValueError: ...", "torch.OutOfMemoryError: ...").
+_RANK_PREFIX = re.compile(r"^\[[^\]]*\]:\s?")
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit)\b.*$")
 _LAUNCHER_ERRORS = ("ChildFailedError", "CalledProcessError", "SignalException")
 
 
@@ -301,36 +305,46 @@ def error_line(text):
     """The one line that says why training failed, from the training log: our own `ERROR:`
     line if a rank printed one, else the exception that ended the first rank's traceback
     (not the launcher's own ChildFailedError that wraps it)."""
-    lines = text.splitlines()
+    lines = [_RANK_PREFIX.sub("", line) for line in text.splitlines()]
     for line in lines:
-        if "ERROR: " in line:
-            return line[line.index("ERROR: ") + len("ERROR: ") :].strip()
+        if line.startswith("ERROR: "):
+            return line[len("ERROR: ") :].strip()
     for i, line in enumerate(lines):
-        if line.strip().startswith("Traceback (most recent call last)"):
+        if line.startswith("Traceback (most recent call last)"):
             for later in lines[i + 1 :]:
-                match = _EXCEPTION_LINE.match(later.strip())
-                if match and not later.startswith((" ", "\t")):
-                    if not any(name in match.group(1) for name in _LAUNCHER_ERRORS):
-                        return match.group(1)
+                if _EXCEPTION_LINE.match(later):
+                    if not any(name in later for name in _LAUNCHER_ERRORS):
+                        return later.strip()
                     break
     return None
 
 
-def run(argv, log_path, env=None):
-    """Start training for the fsdp_train job, its output (every rank's) appended to log_path.
-    A failure ends in a LaunchError holding the one line that says why; the log keeps the rest."""
+def run(argv, log_path, env=None, console=None):
+    """Start training for the fsdp_train job, its output (every rank's) appended to log_path;
+    `console(line)` also shows what the user should see without opening the log. A failure
+    ends in a LaunchError holding the one line that says why; the log keeps the rest."""
     env = os.environ if env is None else env
     args = parse_args(argv)
+    requested = args.settings.get("model", {}).get("attn_implementation", "auto")
+    attn, why = attention_implementation(requested)  # as every rank will decide; fails here first
     with open(log_path, "a", buffering=1) as log_file:
+        start = log_file.tell()  # the log keeps earlier attempts: read only this one's for errors
 
-        def log(message):
-            print(f"launch: {message}", file=log_file, flush=True)
+        def log(message, console_too=False):
+            if console_too and console:
+                console(message)  # to the log as well
+            else:
+                print(f"launch: {message}", file=log_file, flush=True)
 
+        if requested == "auto" and attn != "flash_attention_2":
+            log(f"attention: {attn} ({why})", console_too=True)
         command = job_command(args, env, log)
         log(shlex.join(command[:5]) + " ...")
         code = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env).returncode
     if code:
-        why = error_line(open(log_path, errors="replace").read()) or "see the log"
+        with open(log_path, errors="replace") as handle:
+            handle.seek(start)
+            why = error_line(handle.read()) or "see the log"
         raise LaunchError(f"training failed (exit {code}): {why} (full output: {log_path})")
 
 
@@ -339,7 +353,7 @@ def main(argv=None, env=None):
     argv = sys.argv[1:] if argv is None else argv
     env = os.environ if env is None else env
     args = parse_args(argv)
-    command = node_command(args, env, lambda message: print(f"launch: {message}", flush=True))
+    command = node_command(args, env, lambda message, console_too=False: print(f"launch: {message}", flush=True))
     os.execvp(command[0], command)
 
 

@@ -34,6 +34,7 @@ from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from . import allocator  # noqa: E402
+from .attention import attention_implementation  # noqa: E402
 from .autobatch import apply_resolved, describe  # noqa: E402
 from .checkpoints import MarkCompleteCheckpoints, SaveAtEnd, latest_complete, remove_incomplete  # noqa: E402
 from .collate import PackedRowsCollator, flattens_batches  # noqa: E402
@@ -43,20 +44,6 @@ from .io import read_json, write_json  # noqa: E402
 from .memory import check_fits, format_report, over_budget_warnings  # noqa: E402
 from .modeling import load_base_model, packed_position_ids  # noqa: E402
 from .runinfo import versions  # noqa: E402
-
-def attention_implementation(requested):
-    """flash_attention_2 where flash-attn and a GPU are there, otherwise sdpa; says why."""
-    import importlib.util
-
-    has_flash = importlib.util.find_spec("flash_attn") is not None
-    if requested == "auto":
-        if has_flash and torch.cuda.is_available():
-            return "flash_attention_2", "flash-attn is installed and a GPU is visible"
-        return "sdpa", "no GPU visible" if not torch.cuda.is_available() else "flash-attn is not installed"
-    if requested == "flash_attention_2" and not (has_flash and torch.cuda.is_available()):
-        raise UserError("model.attn_implementation: flash_attention_2 needs flash-attn and a GPU")
-    return requested, "set in model.attn_implementation"
-
 
 def lora_config(lora):
     return LoraConfig(

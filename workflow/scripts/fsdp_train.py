@@ -1,6 +1,6 @@
 from shardtune.io import job
 
-with job(snakemake.log[0]):
+with job(snakemake.log[0], name=snakemake.rule) as log:
     from shardtune.launch import run
 
     i, r = snakemake.input, snakemake.resources
@@ -13,4 +13,5 @@ with job(snakemake.log[0]):
             *("--done", snakemake.output[0], "--memory", i.memory, "--hub", snakemake.params.hub),
         ],
         snakemake.log[0],
+        console=log.console,
     )
