@@ -4,13 +4,13 @@ added to the trainer's callbacks and, on request, a proposed fix applied on top.
     accelerate launch --config_file X.yaml bench/_ours.py --timer T.json [--fix flattened-batches] \
         -- <shardtune.train arguments>
 
-Everything else is shardtune.train.main unchanged.
+Everything else is shardtune.train.entry.main unchanged.
 """
 
 import argparse
 import sys
 
-import shardtune.train as train  # applies the CPU FSDP shim before Accelerate's state exists
+import shardtune.train.entry as train  # applies the CPU FSDP shim before Accelerate's state exists
 
 from benchlib import step_timer
 

@@ -1,7 +1,7 @@
 """Figure 2: throughput at the same memory budget.
 
 `pick_setting()` is what `training.per_device_train_batch_size: auto` with
-`training.gradient_checkpointing: auto` chooses (shardtune.autobatch, resolved by the workflow's
+`training.gradient_checkpointing: auto` chooses (shardtune.plan.autobatch, resolved by the workflow's
 estimate_memory step): the largest per-device batch size that fits a per-device budget by
 shardtune's pre-flight estimate (memory.estimate), gradient checkpointing only when no batch
 size fits without it, and the rows per optimizer step (per-device batch x gradient
@@ -46,13 +46,13 @@ def as_auto(settings):
 
 def pick_setting(shape, settings, world_size, budget_gib):
     """What `training.per_device_train_batch_size: auto` and `gradient_checkpointing: auto` pick
-    for `settings` at `budget_gib` per device: shardtune.autobatch.pick_setting on as_auto(settings).
+    for `settings` at `budget_gib` per device: shardtune.plan.autobatch.pick_setting on as_auto(settings).
 
     Returns a dict with per_device_train_batch_size, gradient_accumulation_steps,
     gradient_checkpointing, estimate_gib and budget_gib, or None when nothing fits (not even
     batch 1 with checkpointing).
     """
-    from shardtune import autobatch
+    from shardtune.plan import autobatch
 
     return autobatch.pick_setting(shape, as_auto(settings), world_size, budget_gib)
 
@@ -79,7 +79,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from shardtune.memory import estimate, model_shape
+    from shardtune.plan.memory import estimate, model_shape
 
     work = args.work
     fx = bl.fixtures(work, args.model, args.conversations, args.max_seq_len)

@@ -106,7 +106,7 @@ def cpu_seconds():
 
 
 def run_ours(raw, tokenizer, cfg, num_proc):
-    from shardtune.data import SplitReport, prepare_split
+    from shardtune.data.prepare import SplitReport, prepare_split
 
     packed, stats, _ = prepare_split(
         raw, "train", cfg, tokenizer, report=SplitReport("train", "bench", {}), num_proc=num_proc, log=lambda *a: None
@@ -158,8 +158,8 @@ def main(argv=None):
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.num_proc))
     from datasets.utils.logging import disable_progress_bar
 
-    from shardtune.builtin_model import build_tokenizer
-    from shardtune.data import load_tokenizer  # noqa: F401  (the same module the workflow uses)
+    from shardtune.data.tokenize import load_tokenizer  # noqa: F401  (the same module the workflow uses)
+    from shardtune.inputs.builtin_model import build_tokenizer
 
     datasets.disable_caching()
     disable_progress_bar()

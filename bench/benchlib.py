@@ -55,7 +55,7 @@ def machine():
 
 
 # Allocator variants of our path (bench paths "ours-<variant>"): training.allocator, and
-# settings on top of what shardtune.allocator gives the training processes.
+# settings on top of what shardtune.launch.allocator gives the training processes.
 ALLOCATOR_VARIANTS = {
     "glibc": ("system", {}),  # the C library's malloc (what ours ran with before training.allocator)
     "jemalloc": ("jemalloc", {}),  # jemalloc with shardtune's settings (allocator.SETTINGS)
@@ -74,7 +74,7 @@ ALLOCATOR_VARIANTS = {
 def allocator_env(settings, variant=None):
     """(allocator, environment) of the training processes as shardtune.launch sets them for
     `settings` (training.allocator), or for an allocator variant of ALLOCATOR_VARIANTS."""
-    from shardtune.allocator import select
+    from shardtune.launch.allocator import select
 
     requested, extra = ALLOCATOR_VARIANTS[variant] if variant else (settings["training"].get("allocator", "auto"), {})
     clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
@@ -128,7 +128,7 @@ def memory_now_gib():
 
 
 def loaded_allocator():
-    from shardtune.allocator import loaded
+    from shardtune.launch.allocator import loaded
 
     return loaded()
 
@@ -260,7 +260,7 @@ def throughput(records, warmup):
 def build_model_dir(out_dir, name):
     """A Llama-shaped model + the built-in tokenizer in `out_dir` (skipped if there), built by
     builtin_model.build_model from MODEL_SPECS[name]."""
-    from shardtune.builtin_model import build_model
+    from shardtune.inputs.builtin_model import build_model
 
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():
@@ -306,8 +306,8 @@ def fixtures(work, model_name, conversations, max_seq_len):
     directory per split with a `messages` column), all built once under `work`."""
     import datasets
 
-    from shardtune.data import prepare
-    from shardtune.sources import fetch_dataset, fetch_model
+    from shardtune.data.prepare import prepare
+    from shardtune.inputs.sources import fetch_dataset, fetch_model
 
     work = Path(work)
     model_files = build_model_dir(work / "models" / model_name, model_name)
@@ -330,7 +330,7 @@ def fixtures(work, model_name, conversations, max_seq_len):
 
 
 def write_accelerate_yaml(settings, path):
-    from shardtune.accelerate_config import write
+    from shardtune.launch.accelerate_config import write
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write(settings, str(path), gpus=0)

@@ -1,4 +1,4 @@
-"""The pre-flight memory estimate (shardtune.memory) against what was measured.
+"""The pre-flight memory estimate (shardtune.plan.memory) against what was measured.
 
 1. CPU runs here: every shardtune run the other bench scripts made under --work (each leaves
    done.json, with peak_memory_gib_per_rank, and run.json naming its settings and model) is
@@ -56,7 +56,7 @@ def guide_rows():
     import yaml
 
     from shardtune.config import deep_merge, resolve_runs
-    from shardtune.memory import estimate, model_shape
+    from shardtune.plan.memory import estimate, model_shape
 
     rows = []
     for case, preset, overrides, world, what, low, high in GUIDE:
@@ -78,7 +78,7 @@ def guide_rows():
 
 
 def cpu_rows(work):
-    from shardtune.memory import CPU_RANK_LIBRARIES_GIB, estimate, model_shape
+    from shardtune.plan.memory import CPU_RANK_LIBRARIES_GIB, estimate, model_shape
 
     rows = []
     for record in sorted(Path(work).rglob("run.json")):

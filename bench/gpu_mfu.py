@@ -73,7 +73,7 @@ def main(argv=None):
     import torch
     from transformers import LlamaConfig
 
-    from shardtune.memory import model_shape
+    from shardtune.plan.memory import model_shape
 
     spec = {**bl.BASE_SPEC, **SPEC_1B}
     config = LlamaConfig(
@@ -105,7 +105,7 @@ def main(argv=None):
     tag = "gpu-mfu"
     settings_json = work / tag / "train_settings.json"
     bl.write_json(settings_json, settings)
-    from shardtune.accelerate_config import write
+    from shardtune.launch.accelerate_config import write
 
     accelerate_yaml = work / tag / "accelerate.yaml"
     write(settings, str(accelerate_yaml), gpus=1)

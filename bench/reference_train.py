@@ -39,7 +39,7 @@ BENCH_DDP = any(a in ("--bench_ddp", "--bench_ddp=True") for a in sys.argv)
 
 if not torch.cuda.is_available() and not BENCH_DDP:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    from shardtune.cpu_fsdp import keep_fsdp_on_cpu
+    from shardtune.launch.cpu_fsdp import keep_fsdp_on_cpu
 
     keep_fsdp_on_cpu()  # before anything creates Accelerate's state
 

@@ -54,7 +54,7 @@ TRICKY = [
 @pytest.fixture(scope="session")
 def builtin_model(tmp_path_factory):
     """The built-in tiny Llama model and tokenizer, fetched as the workflow fetches it."""
-    from shardtune.sources import fetch_model
+    from shardtune.inputs.sources import fetch_model
 
     out = tmp_path_factory.mktemp("model") / "builtin"
     fetch_model(copy.deepcopy(DEFAULTS["model"]), out)
@@ -64,7 +64,7 @@ def builtin_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def builtin_dataset(tmp_path_factory):
     """The built-in data set, fetched as the workflow fetches it."""
-    from shardtune.sources import fetch_dataset
+    from shardtune.inputs.sources import fetch_dataset
 
     out = tmp_path_factory.mktemp("dataset") / "builtin"
     fetch_dataset(dataset_spec("builtin"), out)
@@ -73,6 +73,6 @@ def builtin_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def chatml_tokenizer(builtin_model):
-    from shardtune.data import load_tokenizer
+    from shardtune.data.tokenize import load_tokenizer
 
     return load_tokenizer(builtin_model, "chatml")[0]

@@ -4,8 +4,8 @@
 import pytest
 import yaml
 
-from shardtune import accelerate_config
 from shardtune.config import ConfigError, resolve_runs
+from shardtune.launch import accelerate_config
 
 
 def settings(**fsdp):

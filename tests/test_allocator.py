@@ -11,8 +11,9 @@ import sys
 import pytest
 import yaml
 
-from shardtune import allocator, launch
 from shardtune.config import load_schema, validate
+from shardtune.launch import allocator
+from shardtune.launch import launcher as launch
 
 SCHEMA = load_schema()
 
@@ -88,7 +89,7 @@ def test_loaded_reads_the_process_maps(tmp_path):
 
 
 def test_the_allocator_is_not_part_of_the_checkpoint_fingerprint():
-    from shardtune.train import fingerprint
+    from shardtune.train.entry import fingerprint
 
     settings = json.loads(json.dumps(validate({}, SCHEMA)))
     other = json.loads(json.dumps(settings))
@@ -146,7 +147,7 @@ def test_a_preloaded_process_runs_with_the_allocator(name):
     if allocator.find_library(name) is None:
         pytest.skip(f"lib{name} is not installed")
     _, updates, _ = allocator.select(name, {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
-    code = "from shardtune.allocator import loaded; print(loaded())"
+    code = "from shardtune.launch.allocator import loaded; print(loaded())"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **updates}, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == name
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LD_PRELOAD": ""}, capture_output=True, text=True, check=True)

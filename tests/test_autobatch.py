@@ -8,9 +8,10 @@ import pytest
 import yaml
 from transformers import LlamaConfig
 
-from shardtune import autobatch
 from shardtune.config import ConfigError, resolve_runs
-from shardtune.memory import estimate, model_shape, preflight
+from shardtune.plan import autobatch
+from shardtune.plan.memory import estimate, model_shape
+from shardtune.plan.preflight import preflight
 
 TINY = LlamaConfig(
     hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=512
@@ -217,7 +218,7 @@ def test_preflight_refuses_when_nothing_fits_unless_forced(shape, model_files, t
 
 
 def test_the_training_fingerprint_includes_the_resolved_batch(shape):
-    train = pytest.importorskip("shardtune.train")
+    train = pytest.importorskip("shardtune.train.entry")
     s = auto(rows=8)
     values = lambda batch: {"per_device_train_batch_size": batch, "gradient_accumulation_steps": 8 // batch, "gradient_checkpointing": False}  # noqa: E731
     two = train.fingerprint(autobatch.apply_resolved(s, values(2)), "data")
@@ -230,8 +231,8 @@ def test_the_training_fingerprint_includes_the_resolved_batch(shape):
 
 
 def test_the_model_card_and_run_record_show_the_resolved_values(tmp_path):
-    from shardtune import model_card
-    from shardtune.runinfo import write_run_info
+    from shardtune.publish import model_card
+    from shardtune.report.runinfo import write_run_info
 
     s = settings_of(
         {"per_device_train_batch_size": "auto", "per_device_effective_batch_size": 8, "gradient_checkpointing": "auto"}

@@ -7,12 +7,13 @@ import json
 
 import pytest
 
-from conftest import copy_workflow, default_config, snakemake
-from shardtune.autobatch import with_resolved
-from shardtune.builtin_model import build_model
-from shardtune.checkpoints import checkpoints
 from shardtune.config import resolve_runs
-from shardtune.memory import estimate, model_shape
+from shardtune.inputs.builtin_model import build_model
+from shardtune.plan.autobatch import with_resolved
+from shardtune.plan.memory import estimate, model_shape
+from shardtune.train.checkpoints import checkpoints
+
+from conftest import copy_workflow, default_config, snakemake
 
 AUTO = {
     "training": {

@@ -2,15 +2,14 @@
 key, file or module, a non-zero exit, before the expensive steps (data preparation where the
 config alone can tell, training where the model files can)."""
 
-import json
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import copy_workflow, default_config, jobs_in_dry_run, snakemake
 from shardtune.config import deep_merge
+
+from conftest import copy_workflow, default_config, jobs_in_dry_run, snakemake
 
 SMALL = {"dataset": {"builtin": {"conversations": 60}}}
 
@@ -99,8 +98,8 @@ def test_a_config_file_without_runs_keeps_the_earlier_runs(tmp_path):
 @pytest.fixture(scope="module")
 def local_model(tmp_path_factory):
     """A small model directory as a user brings one (weights, config, tokenizer)."""
-    from shardtune.builtin_model import build_model
     from shardtune.config import resolve_runs
+    from shardtune.inputs.builtin_model import build_model
 
     path = tmp_path_factory.mktemp("model") / "files"
     build_model(path, resolve_runs({})["demo"]["model"]["builtin"])

@@ -13,8 +13,9 @@ BENCH = REPO / "bench"
 sys.path.insert(0, str(BENCH))
 
 import autobatch  # noqa: E402
-import benchlib  # noqa: E402
 import throughput  # noqa: E402
+
+import benchlib  # noqa: E402
 
 SCRIPTS = [
     "throughput", "autobatch", "sharding_memory", "snakemake_overhead", "estimator_accuracy", "gpu_mfu", "attention_micro", "profile_step"
@@ -81,7 +82,7 @@ TINY = LlamaConfig(
 
 
 def test_pick_setting_takes_the_largest_batch_that_fits_without_checkpointing(tmp_path):
-    from shardtune.memory import estimate, model_shape
+    from shardtune.plan.memory import estimate, model_shape
 
     recipe = bench_settings(tmp_path, gradient_accumulation_steps=4, gradient_checkpointing=True)
     shape = model_shape(TINY, recipe["lora"])
@@ -99,7 +100,7 @@ def test_pick_setting_takes_the_largest_batch_that_fits_without_checkpointing(tm
 
 
 def test_pick_setting_uses_checkpointing_only_when_nothing_fits_without_it(tmp_path):
-    from shardtune.memory import estimate, model_shape
+    from shardtune.plan.memory import estimate, model_shape
 
     recipe = bench_settings(tmp_path)
     shape = model_shape(TINY, recipe["lora"])
@@ -122,7 +123,8 @@ def test_throughput_counts_only_steps_after_warmup():
 
 def test_gpu_flops_per_token_counts_forward_and_input_gradient():
     import gpu_mfu
-    from shardtune.memory import model_shape
+
+    from shardtune.plan.memory import model_shape
 
     shape = model_shape(TINY, {"r": 8, "target_modules": "all-linear"})
     flops = gpu_mfu.flops_per_token(shape, 512)
@@ -131,8 +133,9 @@ def test_gpu_flops_per_token_counts_forward_and_input_gradient():
 
 
 def test_every_variant_of_ours_names_a_known_fix_or_allocator(tmp_path):
-    import _ours
     import sharding_memory
+
+    import _ours
 
     fx = {"prepared": tmp_path, "model": tmp_path, "model_files": tmp_path, "recipe_data": tmp_path}
     settings = bench_settings(tmp_path)
@@ -151,7 +154,7 @@ def test_every_variant_of_ours_names_a_known_fix_or_allocator(tmp_path):
 
 
 def test_bench_runs_ours_with_the_allocator_the_launcher_picks(tmp_path, monkeypatch):
-    from shardtune import allocator
+    from shardtune.launch import allocator
 
     monkeypatch.setattr(allocator, "find_library", lambda name, env: f"/opt/lib{name}.so")
     settings = bench_settings(tmp_path)

@@ -1,6 +1,6 @@
 """Telling complete checkpoints from ones cut off while being written."""
 
-from shardtune.checkpoints import MARKER, checkpoints, latest_complete, remove_incomplete
+from shardtune.train.checkpoints import MARKER, checkpoints, latest_complete, remove_incomplete
 
 
 def make(train_dir, step, complete):

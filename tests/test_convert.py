@@ -6,9 +6,9 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from shardtune.builtin_model import build_tokenizer
-from shardtune.checkpoints import MARKER
-from shardtune.convert import ConversionError, pad_tokenizer, select_checkpoint
+from shardtune.export.convert import ConversionError, pad_tokenizer, select_checkpoint
+from shardtune.inputs.builtin_model import build_tokenizer
+from shardtune.train.checkpoints import MARKER
 
 
 def read_json(path):

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from shardtune import accelerate_config
 from shardtune.config import resolve_runs
+from shardtune.launch import accelerate_config
 
 BIN = Path(sys.executable).parent
 
 PROBE = """
 import sys, torch
 if sys.argv[1] == "shim":
-    from shardtune.cpu_fsdp import keep_fsdp_on_cpu
+    from shardtune.launch.cpu_fsdp import keep_fsdp_on_cpu
     keep_fsdp_on_cpu()
 from accelerate import Accelerator
 acc = Accelerator(cpu=True)

@@ -12,6 +12,18 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from shardtune.config import prepared_key
+from shardtune.errors import DataError
+from shardtune.data.prepare import SplitReport, prepare, prepare_split
+from shardtune.data.templates import CHATML, chat_template
+from shardtune.data.tokenize import IGNORE_INDEX, render_batch, load_tokenizer, tokenize_rendered
+from shardtune.inputs.builtin_data import build_conversations
+from shardtune.inputs.sources import ROW_COLUMN, fetch_dataset, model_path
+from shardtune.io import read_json, write_json
+
 from data_fixtures import (  # noqa: F401  (fixtures)
     DEFAULTS,
     TRICKY,
@@ -23,24 +35,6 @@ from data_fixtures import (  # noqa: F401  (fixtures)
     dataset_spec,
     write_jsonl,
 )
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from shardtune.builtin_data import build_conversations
-from shardtune.config import prepared_key
-from shardtune.data import (
-    IGNORE_INDEX,
-    DataError,
-    SplitReport,
-    _render_batch,
-    load_tokenizer,
-    prepare,
-    prepare_split,
-    tokenize_rendered,
-)
-from shardtune.io import read_json, write_json
-from shardtune.sources import ROW_COLUMN, fetch_dataset, model_path
-from shardtune.templates import CHATML, chat_template
 
 QUIET = dict(log=lambda *a: None)
 
@@ -114,7 +108,7 @@ def test_rendered_text_equals_apply_chat_template(builtin_model, tmp_path, templ
         batch["messages"] = converted
     else:
         batch.update({k: [c[k] for c in converted] for k in converted[0]})
-    out = _render_batch(
+    out = render_batch(
         batch,
         fmt="prompt_completion" if "prompt" in fmt else fmt,
         fields=fields,
@@ -153,7 +147,7 @@ def test_masks_cover_exactly_the_assistant_tokens(request, tmp_path, model, temp
 
 def test_tokenize_rendered_matches_per_chunk_boundaries(chatml_tokenizer, monkeypatch):
     # Chunks of the batched tokenizer must not shift masks: compare small and large chunks.
-    import shardtune.data as data
+    from shardtune.data import tokenize as data
 
     texts, spans = [], []
     for row in TRICKY * 3:
@@ -572,7 +566,7 @@ def test_trl_bfd_packing_is_reproduced_exactly():
     import pyarrow as pa
     from trl.data_utils import pack_dataset
 
-    from shardtune.data import _packed_table
+    from shardtune.data.pack import packed_table
 
     rng = np.random.default_rng(0)
     for trial in range(12):
@@ -587,7 +581,7 @@ def test_trl_bfd_packing_is_reproduced_exactly():
             "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
         }))
         ref = pack_dataset(unpacked, max_len, strategy="bfd", map_kwargs={"batch_size": len(unpacked), "keep_in_memory": True})
-        ours = datasets.Dataset(_packed_table(ids, labels, lengths, max_len))
+        ours = datasets.Dataset(packed_table(ids, labels, lengths, max_len))
         assert ours.features == ref.features
         assert ours.data.table.equals(ref.data.table), trial
 
@@ -598,7 +592,7 @@ def test_trl_bfd_packing_is_reproduced_exactly():
 @pytest.fixture
 def small_shares(monkeypatch):
     """Worker processes even for a few dozen rows, several shares each."""
-    import shardtune.data as data
+    from shardtune.data import workers as data
 
     monkeypatch.setattr(data, "WORKER_MIN_ROWS", 10)
     monkeypatch.setattr(data, "TASKS_PER_WORKER", 3)

@@ -11,9 +11,9 @@ import torch
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoTokenizer
 
-from shardtune.builtin_data import TASKS
 from shardtune.config import resolve_runs
 from shardtune.errors import UserError
+from shardtune.inputs.builtin_data import TASKS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -93,7 +93,7 @@ def default_config_of(workdir):
 
 
 def test_lm_eval_without_the_package_names_the_extra(monkeypatch):
-    from shardtune.evaluate import run_lm_eval
+    from shardtune.evaluate.evaluation import run_lm_eval
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     settings = resolve_runs({"evaluate": {"lm_eval_tasks": ["hellaswag"]}})["demo"]
@@ -125,8 +125,8 @@ def test_lm_eval_runs_a_local_custom_task_on_the_tuned_model(demo_run, tmp_path)
     pytest.importorskip("lm_eval", reason="lm-eval is optional (extra 'lm-eval'); install it to run this test")
     from peft import PeftModel
 
-    from shardtune.evaluate import run_lm_eval
-    from shardtune.modeling import load_base_model
+    from shardtune.evaluate.evaluation import run_lm_eval
+    from shardtune.inputs.modeling import load_base_model
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -152,8 +152,8 @@ def test_lm_eval_runs_a_local_custom_task_on_the_tuned_model(demo_run, tmp_path)
 
 
 def test_generation_prompts_are_read_in_any_data_format():
-    from shardtune.evaluate import conversation_reader
-    from shardtune.generation import split_conversation
+    from shardtune.evaluate.evaluation import conversation_reader
+    from shardtune.evaluate.generation import split_conversation
 
     data = resolve_runs({})["demo"]["data"]
     sharegpt = datasets.Dataset.from_list(

@@ -7,16 +7,15 @@ import json
 import os
 import socket
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 from huggingface_hub import ModelCard
 
-from fake_hub import FakeHub
 from shardtune import config as stconfig
-from shardtune import hub, model_card
+from shardtune.publish import hub, model_card
+
+from fake_hub import FakeHub
 
 TOKEN = "hf_shardtuneCANARY7q2Xk9RmV4"  # recognisable: searched for in every output
 BAD_TOKEN = "hf_shardtuneWRONG3ZkP0wq"

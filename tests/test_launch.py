@@ -7,8 +7,9 @@ import sys
 import pytest
 import yaml
 
-from shardtune import launch
 from shardtune.config import load_schema, validate
+from shardtune.launch import launcher as launch
+from shardtune.launch import resources as cluster
 
 SCHEMA = load_schema()
 
@@ -29,11 +30,11 @@ BASE = {"distributed_type": "FSDP", "num_processes": 2, "num_machines": 1, "mach
     [(None, 0), ("gpu", 1), ("gpu:8", 8), ("gpu:h100:4", 4), ("nvme:1,gpu:a100:2", 2), ("nvme:1", 0)],
 )
 def test_gpus_in_gres(gres, gpus):
-    assert launch.gres_gpus(gres) == gpus
+    assert cluster.gres_gpus(gres) == gpus
 
 
 def test_cpu_job_on_one_node_asks_for_threads_and_no_gpu():
-    r = launch.job_resources(resources(), threads=2)
+    r = cluster.job_resources(resources(), threads=2)
     assert r["nodes"] == 1 and r["cpus_per_task"] == 2 and r["gpus_per_node"] == 0
     assert r["mem_mb"] == 16000 and r["runtime"] == 720
     unset = ("gpu", "gpu_model", "gres", "mpi", "tasks", "tasks_per_gpu", "slurm_partition", "constraint")
@@ -41,7 +42,7 @@ def test_cpu_job_on_one_node_asks_for_threads_and_no_gpu():
 
 
 def test_one_node_gpus_become_gpus_option():
-    r = launch.job_resources(
+    r = cluster.job_resources(
         resources(gpu=8, gpu_model="h100", cpus_per_task=64, partition="gpu", account="proj", constraint="ib"),
         threads=2,
     )
@@ -51,14 +52,14 @@ def test_one_node_gpus_become_gpus_option():
 
 
 def test_several_nodes_ask_gpus_per_node_as_gres_and_one_task_per_node():
-    r = launch.job_resources(resources(nodes=2, gpu=8, gpu_model="h100"), threads=2)
+    r = cluster.job_resources(resources(nodes=2, gpu=8, gpu_model="h100"), threads=2)
     # --gpus would be a total over the nodes; gres counts per node
     assert (r["gpu"], r["gpu_model"], r["gres"], r["gpus_per_node"]) == (None, None, "gpu:h100:8", 8)
     assert (r["nodes"], r["mpi"], r["tasks"], r["tasks_per_gpu"]) == (2, "srun", 2, 0)
 
 
 def test_explicit_gres_is_passed_as_is():
-    r = launch.job_resources(resources(gres="gpu:a100:4"), threads=2)
+    r = cluster.job_resources(resources(gres="gpu:a100:4"), threads=2)
     assert (r["gres"], r["gpu"], r["gpus_per_node"]) == ("gpu:a100:4", None, 4)
 
 
@@ -72,7 +73,7 @@ def test_explicit_gres_is_passed_as_is():
 )
 def test_impossible_resources_are_refused_naming_the_key(res, fsdp_settings, key):
     with pytest.raises(launch.LaunchError, match=f"'runs.demo.resources.fsdp_train.{key}'"):
-        launch.check_resources(resources(**res), fsdp(**fsdp_settings), "runs.demo.resources.fsdp_train")
+        cluster.check_resources(resources(**res), fsdp(**fsdp_settings), "runs.demo.resources.fsdp_train")
 
 
 @pytest.mark.parametrize(
@@ -221,7 +222,7 @@ def sbatch_line(res, threads=2):
     submit_string = pytest.importorskip("snakemake_executor_plugin_slurm.submit_string")
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
-    values = {k: v for k, v in launch.job_resources(res, threads).items() if v is not None}
+    values = {k: v for k, v in cluster.job_resources(res, threads).items() if v is not None}
     job = type("Job", (), {"resources": _Resources(values), "threads": threads, "name": "fsdp_train"})()
     params = {"run_uuid": "u", "slurm_logfile": "l", "comment_str": "c", "account": "", "partition": "", "workdir": "."}
     return (submit_string.get_submit_command(job, params) + set_gres_string(job)).split()

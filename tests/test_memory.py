@@ -8,7 +8,7 @@ import yaml
 from transformers import LlamaConfig
 
 from shardtune.config import ConfigError, deep_merge, resolve_runs
-from shardtune.memory import (
+from shardtune.plan.memory import (
     CONTEXT_GIB,
     CPU_ALLOCATOR_RETENTION,
     CPU_RANK_LIBRARIES_GIB,
@@ -281,7 +281,7 @@ def test_a_run_that_cannot_fit_is_refused_unless_forced():
 def test_the_guides_lora_run_is_warned_not_refused_on_an_80gb_card():
     """The estimate is within ~15% of real peaks, so a run estimated just above the card is let
     through with a warning: the guide ran this preset on 8 x 80GB (an H100 80GB reports 79.2 GiB)."""
-    from shardtune.memory import ESTIMATE_TOLERANCE, over_budget_warnings
+    from shardtune.plan.memory import ESTIMATE_TOLERANCE, over_budget_warnings
 
     settings = preset("llama2-70b-lora-fsdp")
     report = estimate(model_shape(LLAMA2_70B, settings["lora"]), settings, 8)
@@ -366,7 +366,7 @@ def test_training_refuses_a_4bit_load_the_visible_gpu_cannot_hold_before_loading
     """With no memory.device_gib the training job checks the card it sees, before it loads."""
     import torch
 
-    from shardtune import train
+    from shardtune.train import entry as train
 
     settings = preset("llama2-70b-qlora-fsdp")
     report = estimate(model_shape(LLAMA2_70B, settings["lora"]), settings, 2)

@@ -9,10 +9,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shardtune import merge as stmerge
-from shardtune.builtin_model import build_model
 from shardtune.config import resolve_runs
-from shardtune.modeling import load_base_model
+from shardtune.export import merge as stmerge
+from shardtune.inputs.builtin_model import build_model
+from shardtune.inputs.modeling import load_base_model
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shardtune import accelerate_config
 from shardtune.config import deep_merge, resolve_runs
-from shardtune.recipe import recipe_flags
+from shardtune.launch import accelerate_config
+from recipe_flags import recipe_flags
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = Path(__file__).parent / "recipe"

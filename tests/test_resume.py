@@ -8,10 +8,11 @@ import time
 
 import torch
 
-from conftest import BIN, copy_workflow, plain_shell_env, snakemake
-from shardtune.checkpoints import MARKER, checkpoints
-from shardtune.convert import adapter_state
+from shardtune.export.convert import adapter_state
 from shardtune.io import read_json
+from shardtune.train.checkpoints import MARKER, checkpoints
+
+from conftest import BIN, copy_workflow, plain_shell_env, snakemake
 
 
 def training_processes(workdir):

@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from shardtune.train.checkpoints import checkpoints, is_complete
+
 from conftest import copy_workflow, default_config
-from shardtune.checkpoints import checkpoints, is_complete
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -8,12 +8,21 @@ import shutil
 
 import datasets
 import pytest
-from data_fixtures import DEFAULTS, chat, dataset_spec, write_jsonl
 from transformers import AutoTokenizer
 
+from shardtune.data.templates import CHATML
+from shardtune.inputs.sources import (
+    ROW_COLUMN,
+    SourceError,
+    fetch_dataset,
+    fetch_model,
+    load_raw_dataset,
+    load_source,
+    model_path,
+)
 from shardtune.io import read_json
-from shardtune.sources import ROW_COLUMN, SourceError, fetch_dataset, fetch_model, load_raw_dataset, load_source, model_path
-from shardtune.templates import CHATML
+
+from data_fixtures import DEFAULTS, chat, dataset_spec, write_jsonl
 
 ROWS = [chat(f"q{i}", f"a{i}") for i in range(20)]
 

@@ -12,10 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import copy_workflow, default_config, jobs_in_dry_run, snakemake
 from shardtune.config import resolve_runs
-from shardtune.convert import convert
-from shardtune.modeling import load_base_model
+from shardtune.export.convert import convert
+from shardtune.inputs.modeling import load_base_model
+
+from conftest import copy_workflow, default_config, jobs_in_dry_run, snakemake
 
 RUNS = {
     "r4": {"lora": {"r": 4}, "convert": {"checkpoint": "best"}},

@@ -5,8 +5,9 @@ import torch
 
 from shardtune.config import resolve_runs
 from shardtune.errors import UserError
-from shardtune.modeling import load_dtype
-from shardtune.train import attention_implementation, lora_config, sft_config
+from shardtune.inputs.modeling import load_dtype
+from shardtune.plan.attention import attention_implementation
+from shardtune.train.entry import lora_config, sft_config
 
 
 def test_attention_falls_back_to_sdpa_and_says_why():
@@ -52,7 +53,7 @@ def test_packed_rows_stay_rows_and_apart(attn):
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from shardtune.collate import PackedRowsCollator
+    from shardtune.train.collate import PackedRowsCollator
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -86,7 +87,7 @@ def test_packed_rows_stay_rows_and_apart(attn):
 def test_peak_memory_reports_reserved_and_allocated_on_a_gpu(monkeypatch):
     """On a GPU done.json gets both peaks (their ratio is the caching allocator's reserve that
     the pre-flight estimate assumes); on CPU the resident set and no allocated figure."""
-    from shardtune.train import peak_memory_gib
+    from shardtune.train.entry import peak_memory_gib
 
     cpu_peak, cpu_allocated = peak_memory_gib()
     assert cpu_peak > 0.1 and cpu_allocated is None

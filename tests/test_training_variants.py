@@ -5,8 +5,9 @@ import re
 
 import pytest
 
+from shardtune.train.checkpoints import checkpoints
+
 from conftest import copy_workflow, default_config, snakemake
-from shardtune.checkpoints import checkpoints
 
 SHORT = {"max_steps": 4, "save_steps": 2, "eval_strategy": "no", "per_device_train_batch_size": 2}
 

@@ -9,9 +9,10 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from shardtune.inputs.sources import model_path
+from shardtune.train.checkpoints import MARKER, checkpoints
+
 from conftest import copy_workflow, default_config, jobs_in_dry_run, snakemake
-from shardtune.checkpoints import MARKER, checkpoints
-from shardtune.sources import model_path
 
 
 def read_json(path):

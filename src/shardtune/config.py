@@ -10,9 +10,11 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from .errors import UserError
+from shardtune.errors import UserError
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+# package data, so that an installed shardtune validates without the source tree
+# (workflow/schemas/config.schema.yaml links here)
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 SECTIONS = ("dataset", "model", "data", "lora", "quantization", "fsdp", "training", "convert", "merge", "evaluate", "hub", "memory", "resources")
 
 

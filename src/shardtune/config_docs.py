@@ -5,7 +5,7 @@ python -m shardtune.config_docs > docs/config.md
 
 import json
 
-from .config import load_schema
+from shardtune.config import load_schema
 
 HEADER = """# Config reference
 

@@ -90,7 +90,7 @@ def job(log_path, name=None):
     import sys
     import traceback
 
-    from .errors import UserError
+    from shardtune.errors import UserError
 
     console = sys.stderr
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)

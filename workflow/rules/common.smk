@@ -32,7 +32,7 @@ def validated_runs(config):
 
 def print_outcome():
     """After a successful run: per run, base -> tuned metrics and where the results are."""
-    from shardtune.outcome import summary
+    from shardtune.report.outcome import summary
 
     text = summary(RUNS)
     if text and not workflow.dryrun:
@@ -146,9 +146,9 @@ def hub_inputs(wildcards):
 
 
 def job_resources(rule):
-    """Resources of `rule` from each run's `resources.<rule>` (see shardtune.launch), one
+    """Resources of `rule` from each run's `resources.<rule>` (see shardtune.launch.resources), one
     function per resource so that every run's job asks for its own."""
-    from shardtune import launch as stlaunch
+    from shardtune.launch import resources as stlaunch
 
     for name, s in RUNS.items():
         try:
@@ -172,7 +172,7 @@ def job_resources(rule):
 def planned_gpus(wildcards):
     """GPUs per node the run's training job asks for (0: CPU ranks or a local run), so that
     estimate_memory knows a GPU run it cannot see a GPU of (auto batch settings)."""
-    from shardtune import launch as stlaunch
+    from shardtune.launch import resources as stlaunch
 
     return stlaunch.gpus_per_node(RUNS[wildcards.run]["resources"]["fsdp_train"])
 

@@ -1,7 +1,7 @@
 from shardtune.io import job
 
 with job(snakemake.log[0]) as log:
-    from shardtune.memory import preflight
+    from shardtune.plan.preflight import preflight
 
     i = snakemake.input
     preflight(

@@ -5,7 +5,7 @@ from shardtune.io import job
 with job(snakemake.log[0]) as log:
     import torch
 
-    from shardtune.evaluate import evaluate
+    from shardtune.evaluate.evaluation import evaluate
 
     torch.set_num_threads(snakemake.threads)
     i = snakemake.input

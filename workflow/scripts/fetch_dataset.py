@@ -1,6 +1,6 @@
 from shardtune.io import job
 
 with job(snakemake.log[0]):
-    from shardtune.sources import fetch_dataset
+    from shardtune.inputs.sources import fetch_dataset
 
     fetch_dataset(snakemake.params.spec, snakemake.output[0])

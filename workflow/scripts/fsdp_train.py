@@ -1,7 +1,7 @@
 from shardtune.io import job
 
 with job(snakemake.log[0], name=snakemake.rule) as log:
-    from shardtune.launch import run
+    from shardtune.launch.launcher import run
 
     i, r = snakemake.input, snakemake.resources
     run(

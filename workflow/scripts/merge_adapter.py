@@ -3,7 +3,7 @@ from shardtune.io import job
 with job(snakemake.log[0]) as log:
     import torch
 
-    from shardtune.merge import merge
+    from shardtune.export.merge import merge
 
     torch.set_num_threads(snakemake.threads)
     i = snakemake.input

@@ -3,7 +3,7 @@ from pathlib import Path
 from shardtune.io import job
 
 with job(snakemake.log[0]) as log:
-    from shardtune.hub import publish
+    from shardtune.publish.hub import publish
 
     i = snakemake.input
     publish(

@@ -3,7 +3,7 @@ from pathlib import Path
 from shardtune.io import job
 
 with job(snakemake.log[0]):
-    from shardtune.summary import summarize
+    from shardtune.report.summary import summarize
 
     run_dirs = [Path(path).parent.parent for path in snakemake.input.metrics]  # results/{run}/eval/
     o = snakemake.output

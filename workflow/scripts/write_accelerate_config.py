@@ -3,7 +3,7 @@ from shardtune.io import job
 with job(snakemake.log[0]) as log:
     import torch
 
-    from shardtune import accelerate_config
+    from shardtune.launch import accelerate_config
 
     # On SLURM the training launch (shardtune.launch) sets the process and machine counts
     # from the allocation it really gets; this is the plan for the node writing the file.

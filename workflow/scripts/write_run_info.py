@@ -1,7 +1,7 @@
 from shardtune.io import job
 
 with job(snakemake.log[0]):
-    from shardtune.runinfo import write_run_info
+    from shardtune.report.runinfo import write_run_info
 
     i = snakemake.input
     settings = snakemake.params.settings

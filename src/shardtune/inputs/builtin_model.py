@@ -5,8 +5,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .builtin_data import build_conversations
-from .templates import CHATML, CHATML_TOKENS
+from shardtune.data.templates import CHATML, CHATML_TOKENS
+from shardtune.inputs.builtin_data import build_conversations
 
 
 def build_tokenizer(vocab_size, seed):

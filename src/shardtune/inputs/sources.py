@@ -14,10 +14,10 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from .builtin_data import build_conversations
-from .errors import UserError
-from .io import atomic_dir, read_json, write_json
-from .model_check import check_model_dir
+from shardtune.errors import UserError
+from shardtune.inputs.builtin_data import build_conversations
+from shardtune.inputs.model_check import check_model_dir
+from shardtune.io import atomic_dir, read_json, write_json
 
 HUB_PREFIX = "hf:"
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -252,7 +252,7 @@ def fetch_model(spec, out_dir):
     with atomic_dir(out_dir) as tmp:
         record = {"source": source, "revision": spec["revision"]}
         if source == "builtin":
-            from .builtin_model import build_model
+            from shardtune.inputs.builtin_model import build_model
 
             record["parameters"] = build_model(tmp / "files", spec["builtin"])
             record["path"] = "files"  # beside source.json: the resources directory can move

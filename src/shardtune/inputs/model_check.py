@@ -6,7 +6,7 @@ import json
 import struct
 from pathlib import Path
 
-from .errors import UserError
+from shardtune.errors import UserError
 
 
 class ModelError(UserError):

@@ -19,10 +19,10 @@ from peft import PeftModel
 from transformers import AutoTokenizer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from .errors import UserError
-from .generation import exact_match, generate, split_conversation
-from .io import write_json
-from .modeling import load_base_model
+from shardtune.errors import UserError
+from shardtune.evaluate.generation import exact_match, generate, split_conversation
+from shardtune.inputs.modeling import load_base_model
+from shardtune.io import write_json
 
 MODELS = ("base", "tuned")
 
@@ -62,7 +62,7 @@ def conversation_reader(test, data_settings):
     """A function from a raw test row to its messages, read as data preparation reads them
     (data.format, data.columns); None for a row preparation would drop. None instead of a
     function for plain-text data sets, which have no turns to answer."""
-    from .data import CONVERTERS, _parse_json_text, json_text_columns, resolve_format
+    from shardtune.data.formats import CONVERTERS, parse_json_text, json_text_columns, resolve_format
 
     fmt, fields = resolve_format(test.column_names, data_settings, "the test split")
     if fmt == "text":
@@ -74,7 +74,7 @@ def conversation_reader(test, data_settings):
         for field, column in fields.items():
             values[field], reason = row[column], None
             if column in json_columns and isinstance(row[column], str):  # e.g. from CSV
-                values[field], reason = _parse_json_text(row[column], column)
+                values[field], reason = parse_json_text(row[column], column)
             if reason:
                 return None
         return CONVERTERS[fmt](values, fields)[0]

@@ -5,6 +5,8 @@ from the template itself (transformers' own mechanism)."""
 import re
 from pathlib import Path
 
+from shardtune.errors import DataError
+
 CHATML = (
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}"
@@ -66,7 +68,6 @@ def _compiled(template, fmt):
     import jinja2
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    from .data import DataError
 
     try:
         _compile_jinja_template(template)
@@ -79,7 +80,6 @@ def _compiled(template, fmt):
 
 def chat_template(fmt, tokenizer=None):
     """The Jinja template for `fmt`: a named format, 'tokenizer' (the model's own), or a file."""
-    from .data import DataError  # data imports this module
 
     if fmt == "chatml":
         return CHATML

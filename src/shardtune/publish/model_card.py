@@ -7,8 +7,8 @@ handling) never appears in it.
 
 import yaml
 
-from .autobatch import with_resolved
-from .runinfo import versions as software_versions  # the card reports what the run record does
+from shardtune.plan.autobatch import with_resolved
+from shardtune.report.runinfo import versions as software_versions  # the card reports what the run record does
 
 
 def hub_id(source):

@@ -14,11 +14,10 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
-import warnings
-
-from .cpu_fsdp import keep_fsdp_on_cpu
+from shardtune.launch.cpu_fsdp import keep_fsdp_on_cpu
 
 # transformers 5 renamed gradient checkpointing to activation checkpointing, and TRL still reads
 # the old names, warning on every rank at every save: nothing a user can act on.
@@ -33,17 +32,18 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from . import allocator  # noqa: E402
-from .attention import attention_implementation  # noqa: E402
-from .autobatch import apply_resolved, describe  # noqa: E402
-from .checkpoints import MarkCompleteCheckpoints, SaveAtEnd, latest_complete, remove_incomplete  # noqa: E402
-from .collate import PackedRowsCollator, flattens_batches  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .hub import every_save_callback  # noqa: E402
-from .io import read_json, write_json  # noqa: E402
-from .memory import check_fits, format_report, over_budget_warnings  # noqa: E402
-from .modeling import load_base_model, packed_position_ids  # noqa: E402
-from .runinfo import versions  # noqa: E402
+from shardtune.errors import UserError  # noqa: E402
+from shardtune.inputs.modeling import load_base_model, packed_position_ids  # noqa: E402
+from shardtune.io import read_json, write_json  # noqa: E402
+from shardtune.launch import allocator  # noqa: E402
+from shardtune.plan.attention import attention_implementation  # noqa: E402
+from shardtune.plan.autobatch import apply_resolved, describe  # noqa: E402
+from shardtune.plan.memory import check_fits, format_report, over_budget_warnings  # noqa: E402
+from shardtune.publish.every_save import every_save_callback  # noqa: E402
+from shardtune.report.runinfo import versions  # noqa: E402
+from shardtune.train.checkpoints import MarkCompleteCheckpoints, SaveAtEnd, latest_complete, remove_incomplete  # noqa: E402
+from shardtune.train.collate import PackedRowsCollator, flattens_batches  # noqa: E402
+
 
 def lora_config(lora):
     return LoraConfig(
@@ -167,7 +167,7 @@ def check_device_memory(report, log):
 def peak_memory_gib():
     """This process's peaks: the GPU's reserved memory (the resident set on CPU), and the GPU
     memory tensors took (None on CPU); the ratio is the caching allocator's reserve, which the
-    pre-flight estimate can only assume (shardtune.memory.CUDA_TRANSIENT_RESERVE)."""
+    pre-flight estimate can only assume (shardtune.plan.memory.CUDA_TRANSIENT_RESERVE)."""
     import resource
 
     if torch.cuda.is_available():
@@ -307,10 +307,11 @@ def main(argv=None):
     state.destroy_process_group()
 
 
-if __name__ == "__main__":
+def cli():
+    """`python -m shardtune.train`: a UserError becomes one line the launcher finds in the log
+    and shows on the console (launch.launcher.error_line)."""
     try:
         main()
     except UserError as err:
-        # One line the launcher finds in the log and shows on the console (see launch.error_line).
         print(f"ERROR: {err}", file=sys.stderr, flush=True)
         sys.exit(1)

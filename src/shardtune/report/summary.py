@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .io import read_json
-from .pages import write_table_page
-from .plots import read_log, summary_plot
+from shardtune.io import read_json
+from shardtune.report.pages import write_table_page
+from shardtune.report.plots import read_log, summary_plot
 
 
 def flatten(settings, prefix=""):

@@ -4,7 +4,7 @@ resized embeddings), so that evaluation and conversion see the same weights."""
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from .sources import model_path
+from shardtune.inputs.sources import model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 

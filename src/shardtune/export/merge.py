@@ -22,10 +22,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .errors import UserError
-from .io import atomic_dir, write_json
-from .modeling import DTYPES, load_base_model
-from .sources import model_path
+from shardtune.errors import UserError
+from shardtune.inputs.modeling import DTYPES, load_base_model
+from shardtune.inputs.sources import model_path
+from shardtune.io import atomic_dir, write_json
 
 GIB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -13,7 +13,7 @@ includes them in the fingerprint that guards resuming), and the run record, the 
 the summary report them.
 """
 
-from .config import ConfigError
+from shardtune.config import ConfigError
 
 # No torch at import: the model card and the run record (envs without torch) use with_resolved.
 AUTO = "auto"
@@ -72,7 +72,7 @@ def pick_setting(shape, settings, world_size, budget_gib, tried=None, gpus_plann
     (not even batch 1 with checkpointing). Every estimate made is appended to `tried` (a list)
     when given.
     """
-    from .memory import estimate
+    from shardtune.plan.memory import estimate
 
     for values in candidates(settings):
         gib = estimate(shape, with_resolved(settings, values), world_size, gpus_planned)["device_gib"]

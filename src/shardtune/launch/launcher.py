@@ -8,9 +8,9 @@ Accelerate with its machine rank (SLURM_PROCID) and the allocation's first node 
 process. Either way, the run's Accelerate config is copied with the machine-dependent keys
 (num_processes, num_machines, machine_rank, main process, use_cpu) set from the allocation,
 and the copy is printed to the log: what each node saw and used is on record. The C allocator
-of the training processes (`training.allocator`, shardtune.allocator) is preloaded here too.
+of the training processes (`training.allocator`, shardtune.launch.allocator) is preloaded here too.
 
-    python -m shardtune.launch --config-file results/RUN/accelerate.yaml --nodes 1 \\
+    python -m shardtune.launch --config-file results/RUN/accelerate.yaml --nodes 1 \
         --gpus-per-node 8 --cpus-per-task 64 -- -m shardtune.train --settings FILE ...
 
 The run settings (a JSON file) are those of the entry point's own `--settings` argument.
@@ -29,88 +29,17 @@ import tempfile
 
 import yaml
 
-from . import allocator
-from .accelerate_config import resolve_num_processes
-from .attention import attention_implementation
-from .errors import UserError
+from shardtune.errors import UserError
+from shardtune.launch import allocator
+from shardtune.launch.accelerate_config import resolve_num_processes
+from shardtune.launch.resources import LaunchError
+from shardtune.plan.attention import attention_implementation
 
 # Set where a job's GPUs are fake (a test cluster's gres without devices): train on CPU ranks.
 ALLOW_CPU_ENV = "SHARDTUNE_ALLOW_CPU_TRAINING"
+
+
 DEFAULT_PORT = 29500
-
-
-class LaunchError(UserError):
-    """The allocation does not match what the run asked for."""
-
-
-# --- resources: from the config's resources.<rule> to Snakemake resources -------------------
-
-
-def gres_gpus(gres):
-    """GPUs per node in a gres string ('gpu', 'gpu:8', 'gpu:h100:8', 'nvme:1,gpu:4'), else 0."""
-    count = 0
-    for item in (gres or "").split(","):
-        parts = item.strip().split(":")
-        if parts[0] == "gpu":
-            count += int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
-    return count
-
-
-def gpus_per_node(res):
-    return gres_gpus(res["gres"]) or res["gpu"]
-
-
-def check_resources(res, fsdp, prefix):
-    """Reject resources that cannot work, naming the key (prefix: e.g. runs.demo.resources.fsdp_train)."""
-
-    def fail(key, message):
-        raise LaunchError(f"config error at '{prefix}.{key}': {message}")
-
-    if fsdp["num_machines"] not in (1, res["nodes"]):
-        fail("nodes", f"must equal fsdp.num_machines ({fsdp['num_machines']}): the job starts one machine per node")
-
-    if res["gres"] and gres_gpus(res["gres"]) and res["gpu"]:
-        fail("gpu", "give the GPUs either as gpu (with gpu_model) or inside gres, not both")
-    if res["gpu_model"] and not res["gpu"]:
-        fail("gpu_model", "needs gpu (the number of GPUs per node)")
-    if res["gpu_model"] and res["gres"] and gres_gpus(res["gres"]):
-        fail("gpu_model", "put the model inside gres (gpu:MODEL:N) when gres is used")
-
-
-def job_resources(res, threads):
-    """Snakemake resources (as the SLURM executor plugin reads them) for one job; None = unset.
-
-    GPUs are per node: one node asks `--gpus=[MODEL:]N`, several nodes `--gres=gpu:[MODEL:]N`
-    (per node, where `--gpus` would be a total). Several nodes make an `mpi` job of one task
-    per node, which the plugin starts without wrapping it in srun: `main()` calls srun itself.
-    """
-    nodes, gpus = res["nodes"], res["gpu"]
-    gres = res["gres"]
-    if nodes > 1 and gpus and not gres:
-        gres = ":".join(["gpu", *([res["gpu_model"]] if res["gpu_model"] else []), str(gpus)])
-    one_node = nodes == 1 and not gres
-    return {
-        "nodes": nodes,
-        "gpus_per_node": gpus_per_node({**res, "gres": gres}),
-        "gpu": gpus if one_node and gpus else None,
-        "gpu_model": res["gpu_model"] if one_node else None,
-        "gres": gres,
-        "cpus_per_task": res["cpus_per_task"] or threads,
-        "mem_mb": res["mem_mb"],
-        "runtime": res["runtime"],
-        "slurm_partition": res["partition"],
-        "slurm_account": res["account"],
-        "constraint": res["constraint"],
-        "qos": res["qos"],
-        "slurm_extra": res["slurm_extra"],
-        "mpi": "srun" if nodes > 1 else None,
-        "tasks": nodes if nodes > 1 else None,
-        # the plugin would otherwise turn `tasks` of a GPU job into --ntasks-per-gpu
-        "tasks_per_gpu": 0 if nodes > 1 else None,
-    }
-
-
-# --- the allocation ---------------------------------------------------------------------------
 
 
 def expand_hostlist(nodelist):
@@ -297,7 +226,11 @@ def job_command(args, env, log):
 # A rank's line as torch's launcher prefixes it ("[rank1]: ..."), and the line that ends a
 # traceback ("ValueError: ...", "torch.OutOfMemoryError: ...").
 _RANK_PREFIX = re.compile(r"^\[[^\]]*\]:\s?")
+
+
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit)\b.*$")
+
+
 _LAUNCHER_ERRORS = ("ChildFailedError", "CalledProcessError", "SignalException")
 
 
@@ -357,7 +290,8 @@ def main(argv=None, env=None):
     os.execvp(command[0], command)
 
 
-if __name__ == "__main__":
+def cli():
+    """`python -m shardtune.launch --node-task ...`, as srun starts it on every node."""
     try:
         main()
     except UserError as err:

@@ -4,8 +4,7 @@ import os
 
 import yaml
 
-from .config import ConfigError
-
+from shardtune.config import ConfigError
 
 
 def resolve_num_processes(fsdp, gpus):

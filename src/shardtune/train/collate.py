@@ -16,7 +16,7 @@ reaches the model depends on the attention kernel:
 
 import torch
 
-from .modeling import packed_position_ids
+from shardtune.inputs.modeling import packed_position_ids
 
 
 class PackedRowsCollator:

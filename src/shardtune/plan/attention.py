@@ -1,7 +1,7 @@
 """Which attention implementation training uses, decided the same way in the launcher (to say
 it on the console) and in every rank."""
 
-from .errors import UserError
+from shardtune.errors import UserError
 
 
 def attention_implementation(requested):

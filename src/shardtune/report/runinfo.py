@@ -5,8 +5,8 @@ import importlib.metadata
 import platform
 from pathlib import Path
 
-from .autobatch import with_resolved
-from .io import read_json, write_json
+from shardtune.io import read_json, write_json
+from shardtune.plan.autobatch import with_resolved
 
 PACKAGES = (
     "torch",

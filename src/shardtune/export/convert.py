@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoTokenizer
 
-from .checkpoints import checkpoints, is_complete
-from .errors import UserError
-from .io import atomic_dir, read_json, write_json
-from .modeling import DTYPES, load_base_model, load_dtype
-from .sources import model_path
+from shardtune.errors import UserError
+from shardtune.inputs.modeling import DTYPES, load_base_model, load_dtype
+from shardtune.inputs.sources import model_path
+from shardtune.io import atomic_dir, read_json, write_json
+from shardtune.train.checkpoints import checkpoints, is_complete
 
 # How close the reloaded adapter's logits must be to the trained model's, by the least
 # precise dtype training computed in: half precision rounds differently between the sharded

@@ -33,13 +33,16 @@ on each GPU before FSDP shards it, and is checked like the training peak. BENCHM
 measured CPU runs, and lists what it does not explain.
 """
 
-
 import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
 GIB = 1024**3
+
+
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}
+
+
 # PyTorch's CUDA caching allocator, reserved over allocated. What lives for the whole run (the
 # sharded base weights, QLoRA's constants, the adapters' states) is allocated once, before any
 # transient, in segments of its own, and costs nothing more. What is allocated and freed in each
@@ -49,18 +52,28 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}
 # with it. Not measured here (no GPU): fitted to the guide's three per-GPU figures, which no
 # single factor on the whole allocation fits (BENCHMARKS.md, "Memory estimator accuracy").
 CUDA_TRANSIENT_RESERVE = 1.5
+
+
 CONTEXT_GIB = 1.0  # CUDA context, NCCL buffers, cuBLAS workspace, kernels: on each GPU
+
+
 # A CPU rank's resident memory over its live memory, by the C allocator it runs with
 # (training.allocator), measured on the small model (BENCHMARKS.md, "Memory estimator
 # accuracy"), less 0.55 GiB of libraries: glibc keeps much of what FSDP's per-layer gathers
 # free (peak RSS 1.55-1.60 GiB against 1.17 GiB for the same run with a 128 KiB mmap threshold,
-# whose RSS follows live memory); jemalloc, as shardtune.allocator sets it up, returns freed
+# whose RSS follows live memory); jemalloc, as shardtune.launch.allocator sets it up, returns freed
 # pages within a second (1.18 GiB); tcmalloc (training.allocator auto, where installed) keeps
 # its page heap in between (1.32-1.34 GiB, bench/throughput.py --paths ours-glibc,ours-tcmalloc);
 # its factor holds from batch 1 to 32 on the tiny, small and deep models (-6% to +12%).
 CPU_ALLOCATOR_RETENTION = {"system": 1.65, "jemalloc": 1.0, "tcmalloc": 1.3}
+
+
 CPU_RANK_LIBRARIES_GIB = 0.55  # interpreter, torch, transformers, datasets of one CPU rank (measured)
+
+
 GPU_RANK_HOST_GIB = 2.0  # host memory of one GPU rank: CUDA runtime, cuBLAS/cuDNN/NCCL, interpreter
+
+
 TILE_TOKENS, TILE_VOCAB = 4096, 32768  # TRL's fused LM head: logits tile of tokens x vocabulary
 
 
@@ -131,7 +144,7 @@ def _trains_on_cuda(settings, gpus_planned=0):
         return True
     job = (settings.get("resources") or {}).get("fsdp_train")
     if job:
-        from .launch import gpus_per_node
+        from shardtune.launch.resources import gpus_per_node
 
         try:
             if gpus_per_node(job):
@@ -142,13 +155,13 @@ def _trains_on_cuda(settings, gpus_planned=0):
 
 
 def _cpu_allocator(settings):
-    """The C allocator CPU ranks will run with: training.allocator as shardtune.allocator
+    """The C allocator CPU ranks will run with: training.allocator as shardtune.launch.allocator
     resolves it on this machine (system where that setting or module is absent)."""
     requested = settings["training"].get("allocator", "system")
     if requested == "system":
         return "system"
     try:
-        from .allocator import select
+        from shardtune.launch.allocator import select
 
         return select(requested, gpus=0)[0]
     except (ImportError, ValueError):
@@ -384,7 +397,11 @@ def estimate(shape, settings, world_size, gpus_planned=0, flattened=None):
 # (BENCHMARKS.md), so a run estimated a little above its budget may well fit (the guide's own
 # 70B LoRA run is estimated at 85.4 GiB for 80 GB cards): warn up to this margin, refuse beyond.
 ESTIMATE_TOLERANCE = 0.15
+
+
 TRAINING_ADVICE = "lower the batch size, enable gradient_checkpointing or fsdp.offload_params, add devices"
+
+
 # transformers 5 quantizes onto each rank's GPU (no device_map), so more GPUs do not help here
 LOADING_ADVICE = (
     "the 4-bit model loads whole onto each GPU before FSDP shards it, so more GPUs do not help: use GPUs "
@@ -395,7 +412,7 @@ LOADING_ADVICE = (
 def check_fits(report, device_gib, cpu_gib, force, device_source="declared"):
     """What the estimate puts over the declared memory (`device_source` says where the device
     figure came from); refuses (unless forced) a run estimated more than ESTIMATE_TOLERANCE above it."""
-    from .config import ConfigError
+    from shardtune.config import ConfigError
 
     over, refuse, advice = [], False, []
     checks = (
@@ -443,35 +460,3 @@ def format_report(report):
     lines.append(f"  CPU: {report['cpu_gib']:.2f} GiB{phase}")
     lines += [f"    {k}: {v:.2f} GiB" for k, v in report["cpu_breakdown_gib"].items()]
     return "\n".join(lines)
-
-
-def preflight(model_dir, accelerate_yaml, settings, out_json, log=print, gpus_planned=0):
-    """Resolve `auto` batch settings (shardtune.autobatch), estimate for the run's world size,
-    check it against the declared memory (or the budget `auto` planned for), write it.
-    `gpus_planned`: GPUs per node the training job asks for (resources.fsdp_train)."""
-    import yaml
-
-    from .autobatch import resolve, with_resolved
-    from .io import write_json
-    from .model_check import check_settings
-    from .sources import model_path
-
-    world_size = yaml.safe_load(open(accelerate_yaml))["num_processes"]
-    if gpus_planned:  # the training job's GPUs, not those of the node that wrote accelerate.yaml
-        from .accelerate_config import resolve_num_processes
-
-        world_size = resolve_num_processes(settings["fsdp"], gpus_planned)
-    check_settings(model_path(model_dir), settings)
-    shape = model_shape(model_path(model_dir), settings["lora"])
-    resolved = resolve(shape, settings, world_size, gpus_planned, log=log)
-    report = estimate(shape, with_resolved(settings, resolved), world_size, gpus_planned)
-    log(format_report(report))
-    m = settings["memory"]
-    device_gib = resolved["budget_gib"] if resolved["auto"] else m["device_gib"]
-    over = check_fits(report, device_gib, m["cpu_gib"], m["force"])
-    for line in over_budget_warnings(over, m["force"]):
-        log(line)
-    report["declared"] = {**m, "over_budget": over}
-    report["resolved"] = resolved
-    write_json(out_json, report)
-    return report

@@ -1,0 +1,1 @@
+"""Data preparation: row formats, chat templates, tokenization, packing, the prepare step."""

@@ -1,0 +1,1 @@
+"""Evaluation: eval loss, greedy generations and task accuracy, lm-eval tasks."""

@@ -1,0 +1,1 @@
+"""Starting training: the Accelerate config, cluster resources, the launcher, allocator, CPU FSDP patch."""

@@ -1,0 +1,3 @@
+from shardtune.launch.launcher import cli
+
+cli()

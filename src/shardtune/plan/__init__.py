@@ -1,0 +1,1 @@
+"""Planning a run before it starts: model shape, memory estimate, auto batch size, attention."""

@@ -1,0 +1,1 @@
+"""Training: the entry point ranks run, its trainer arguments, callbacks and checkpoints."""

@@ -1,0 +1,3 @@
+from shardtune.train.entry import cli
+
+cli()
