@@ -1,4 +1,5 @@
-"""Row formats (messages, ShareGPT, prompt/completion, text): which one a split is, and each row checked and turned into messages; a bad row gets a reason, never a silent change."""
+"""Row formats (messages, ShareGPT, prompt/completion, text): which one a split is, and each
+row checked and turned into messages; a bad row gets a reason, never a silent change."""
 
 import json
 

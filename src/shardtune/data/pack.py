@@ -1,4 +1,5 @@
-"""Best-fit-decreasing packing (the bins of TRL's pack_dataset) with numpy, straight into Arrow list arrays."""
+"""Best-fit-decreasing packing (the bins of TRL's pack_dataset) with numpy, straight into Arrow
+list arrays."""
 
 import itertools
 from bisect import bisect_left, insort

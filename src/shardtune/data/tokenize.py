@@ -1,4 +1,5 @@
-"""Rendering rows with the chat template (assistant spans recorded) and tokenizing them in large batches with the fast tokenizer."""
+"""Rendering rows with the chat template (assistant spans recorded) and tokenizing them in
+large batches with the fast tokenizer."""
 
 import itertools
 

@@ -1,4 +1,5 @@
-"""Render and tokenize in forked worker processes over contiguous shares of the rows, results back in row order."""
+"""Render and tokenize in forked worker processes over contiguous shares of the rows, results
+back in row order."""
 
 import multiprocessing
 import os

@@ -1,4 +1,5 @@
-"""What a run's training job asks the cluster for: the config's resources.fsdp_train as the Snakemake resources the SLURM executor plugin reads."""
+"""What a run's training job asks the cluster for: the config's resources.fsdp_train as the
+Snakemake resources the SLURM executor plugin reads."""
 
 from shardtune.errors import UserError
 

@@ -1,4 +1,5 @@
-"""The estimate_memory step: model and settings checked, `auto` batch settings resolved, the memory estimate checked against the budget and written to memory.json."""
+"""The estimate_memory step: model and settings checked, `auto` batch settings resolved, the
+memory estimate checked against the budget and written to memory.json."""
 
 from shardtune.plan.memory import check_fits, estimate, format_report, model_shape, over_budget_warnings
 

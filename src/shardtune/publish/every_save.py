@@ -1,4 +1,5 @@
-"""hub.strategy: every_save: each complete checkpoint converted to an adapter and pushed while training, with publish's token, privacy and retry rules."""
+"""hub.strategy: every_save: each complete checkpoint converted to an adapter and pushed while
+training, with publish's token, privacy and retry rules."""
 
 import shutil
 import tempfile
