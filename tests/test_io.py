@@ -93,3 +93,16 @@ def test_write_json_removes_its_temporary_when_it_fails(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_json(tmp_path / "out.json", {"a": 1})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_file_replaces_only_on_success_and_leaves_no_temporary(tmp_path):
+    from shardtune.io import atomic_file, write_text
+
+    out = tmp_path / "table.tsv"
+    write_text(out, "old\n")
+    with pytest.raises(RuntimeError):
+        with atomic_file(out) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert out.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["table.tsv"]

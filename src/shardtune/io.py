@@ -60,18 +60,29 @@ def atomic_dir(path):
     os.replace(tmp, path)
 
 
-def write_json(path, data):
-    """Write JSON atomically (temp file + rename)."""
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a temporary sibling path to write; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(path)
     tmp = _tmp_path(path)
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(path, text):
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path, data):
+    """Write JSON atomically (temp file + rename)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path):

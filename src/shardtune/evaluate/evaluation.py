@@ -22,7 +22,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from shardtune.errors import UserError
 from shardtune.evaluate.generation import exact_match, generate, split_conversation
 from shardtune.inputs.modeling import load_base_model
-from shardtune.io import write_json
+from shardtune.io import write_json, write_text
 
 MODELS = ("base", "tuned")
 
@@ -62,7 +62,7 @@ def conversation_reader(test, data_settings):
     """A function from a raw test row to its messages, read as data preparation reads them
     (data.format, data.columns); None for a row preparation would drop. None instead of a
     function for plain-text data sets, which have no turns to answer."""
-    from shardtune.data.formats import CONVERTERS, parse_json_text, json_text_columns, resolve_format
+    from shardtune.data.formats import CONVERTERS, json_text_columns, parse_json_text, resolve_format
 
     fmt, fields = resolve_format(test.column_names, data_settings, "the test split")
     if fmt == "text":
@@ -169,16 +169,12 @@ def run_lm_eval(model, tokenizer, settings, log):
 
 def _write_tsv(path, header, rows):
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(["\t".join(header)] + ["\t".join(map(str, r)) for r in rows]) + "\n")
-    tmp.replace(path)
+    write_text(path, "\n".join(["\t".join(header)] + ["\t".join(map(str, r)) for r in rows]) + "\n")
 
 
 def _write_jsonl(path, rows):
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def evaluate(model_dir, data_dir, dataset_dir, adapter_dir, settings, out_dir, log=print):

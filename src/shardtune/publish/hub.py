@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from shardtune.errors import UserError
-from shardtune.io import read_json, write_json
+from shardtune.io import read_json, write_json, write_text
 from shardtune.publish import model_card
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -190,14 +190,6 @@ def _human(size):
         if size < 1000 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
-
-
-def _write_text(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def scrub(text, token):
@@ -406,7 +398,7 @@ def publish(
         plots=[f"plots/{p.name}" for p in plots],
         include_merged=bool(merged_dir),
     )
-    _write_text(out_dir / "README.md", card)
+    write_text(out_dir / "README.md", card)
     items.insert(0, file_item("README.md", out_dir / "README.md"))
 
     url = f"{shown_endpoint(endpoint)}/{repo_id}"

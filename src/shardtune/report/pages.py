@@ -4,11 +4,12 @@ resolved settings, software versions) and the table across runs."""
 
 import html
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
 import yaml
+
+from shardtune.io import write_text
 
 STYLE = """
 body { font-family: sans-serif; font-size: 14px; margin: 1em; }
@@ -28,19 +29,12 @@ def _page(title, body):
     )
 
 
-def _write(path, text):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def _table(frame):
     return frame.to_html(index=False, border=0, float_format=lambda v: f"{v:.4f}", na_rep="")
 
 
 def write_table_page(path, title, frame, note=""):
-    _write(path, _page(title, (f"<p>{html.escape(note)}</p>" if note else "") + _table(frame)))
+    write_text(path, _page(title, (f"<p>{html.escape(note)}</p>" if note else "") + _table(frame)))
 
 
 def _prompt_text(messages):
@@ -114,4 +108,4 @@ def write_run_page(path, run, metrics_json, accuracy_tsv, samples_jsonl, run_inf
         "<h2>Resolved settings</h2>",
         f"<pre>{html.escape(yaml.safe_dump(info['settings'], sort_keys=False))}</pre>",
     ]
-    _write(path, _page(f"Run {run}", "".join(parts)))
+    write_text(path, _page(f"Run {run}", "".join(parts)))

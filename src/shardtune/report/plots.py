@@ -1,7 +1,6 @@
 """Figures for the report: training curves of a run (from train/log.csv) and a comparison of
 runs (from the summary table)."""
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from shardtune.io import atomic_file
 
 # What each training figure shows: file name -> (title, y label, [(column, label)]).
 TRAINING_FIGURES = {
@@ -20,10 +21,9 @@ TRAINING_FIGURES = {
 
 def _save(fig, path):
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip("."))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def read_log(log_csv):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from shardtune.io import read_json
+from shardtune.io import atomic_file, read_json
 from shardtune.report.pages import write_table_page
 from shardtune.report.plots import read_log, summary_plot
 
@@ -56,9 +56,8 @@ def summarize(run_dirs, out_tsv, out_png, out_html):
     varying = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
     table = pd.DataFrame([{"run": r["run"], **{k: s.get(k) for k in varying}, **r} for r, s in zip(rows, settings)])
     table = table.sort_values("run").reset_index(drop=True)
-    tmp = Path(out_tsv).with_name(f".{Path(out_tsv).name}.tmp")
-    table.to_csv(tmp, sep="\t", index=False, float_format="%.6f")
-    tmp.replace(out_tsv)
+    with atomic_file(out_tsv) as tmp:
+        table.to_csv(tmp, sep="\t", index=False, float_format="%.6f")
     summary_plot(table, {Path(d).name: Path(d) / "train" / "log.csv" for d in run_dirs}, out_png)
     write_table_page(
         out_html,
