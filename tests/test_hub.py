@@ -13,7 +13,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from shardtune import config as stconfig
-from shardtune.publish import hub, model_card
+from shardtune.publish import every_save, hub, model_card
 
 from fake_hub import FakeHub
 
@@ -409,7 +409,7 @@ def test_every_save_pushes_each_checkpoint_as_an_adapter(server, train_dir, tmp_
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     settings = settings_for(server.url, hub={"strategy": "every_save"})
     log = []
-    pusher = hub.CheckpointPusher(settings, train_dir, run="demo", log=log.append)
+    pusher = every_save.CheckpointPusher(settings, train_dir, run="demo", log=log.append)
     pusher.push(fake_checkpoint(train_dir, 10, 1.0), 10)
     pusher.push(fake_checkpoint(train_dir, 20, 2.0), 20)
     result = pusher.finish()
@@ -427,10 +427,10 @@ def test_every_save_checks_token_before_training_and_survives_a_failed_push(serv
     settings = settings_for(server.url, hub={"strategy": "every_save", "retries": 0})
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(hub.HubAuthError):
-        hub.CheckpointPusher(settings, train_dir).start()
+        every_save.CheckpointPusher(settings, train_dir).start()
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     log = []
-    pusher = hub.CheckpointPusher(settings, train_dir, log=log.append)
+    pusher = every_save.CheckpointPusher(settings, train_dir, log=log.append)
     pusher.start()
     server.fail("POST", r"/commit/", 503)
     pusher.push(fake_checkpoint(train_dir, 10, 1.0), 10)
@@ -441,7 +441,7 @@ def test_every_save_checks_token_before_training_and_survives_a_failed_push(serv
 def test_every_save_dry_run_sends_nothing(server, train_dir, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     log = []
-    pusher = hub.CheckpointPusher(
+    pusher = every_save.CheckpointPusher(
         settings_for(server.url, hub={"strategy": "every_save", "dry_run": True}), train_dir, log=log.append
     )
     pusher.push(train_dir / "checkpoint-10", 10)
@@ -450,10 +450,10 @@ def test_every_save_dry_run_sends_nothing(server, train_dir, monkeypatch):
 
 
 def test_every_save_callback_for_the_trainer(server, train_dir):
-    assert hub.every_save_callback(settings_for(server.url), train_dir) is None  # strategy: end
+    assert every_save.every_save_callback(settings_for(server.url), train_dir) is None  # strategy: end
     settings = settings_for(server.url, hub={"strategy": "every_save"})
     del settings["dataset"]  # the card does without it
-    callback = hub.every_save_callback(settings, train_dir, run="demo", log=lambda *a: None)
+    callback = every_save.every_save_callback(settings, train_dir, run="demo", log=lambda *a: None)
     from transformers import TrainerCallback
 
     assert isinstance(callback, TrainerCallback)
