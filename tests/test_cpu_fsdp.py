@@ -20,12 +20,25 @@ if sys.argv[1] == "shim":
     from shardtune.launch.cpu_fsdp import keep_fsdp_on_cpu
     keep_fsdp_on_cpu()
 from accelerate import Accelerator
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+torch.manual_seed(0)
+model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, target_modules="all-linear"))
 acc = Accelerator(cpu=True)
-model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
-model, _ = acc.prepare(model, torch.optim.AdamW(model.parameters()))
-weight = acc.unwrap_model(model)[0].weight
-local = weight.to_local().shape[0] if hasattr(weight, "to_local") else weight.shape[0]
-print(f"rank {acc.process_index}: {acc.distributed_type} local_rows={local}", flush=True)
+model, optimizer = acc.prepare(model, torch.optim.AdamW(p for p in model.parameters() if p.requires_grad))
+inner = acc.unwrap_model(model)
+from torch.distributed.fsdp import FSDPModule
+wrapped = sorted(type(m).__name__ for m in inner.modules() if isinstance(m, FSDPModule))
+def rows(param):
+    return param.to_local().shape[0] if hasattr(param, "to_local") else param.shape[0]
+layer = inner.base_model.model.model.layers[0].self_attn.q_proj
+loss = model(input_ids=torch.randint(0, 256, (2, 16)), labels=torch.randint(0, 256, (2, 16))).loss
+loss.backward()
+optimizer.step()
+print(f"rank {acc.process_index}: {acc.distributed_type} wrapped={','.join(wrapped)}"
+      f" base_rows={rows(layer.base_layer.weight)} lora_rows={rows(layer.lora_A.default.weight)}", flush=True)
 """
 
 
@@ -33,7 +46,7 @@ print(f"rank {acc.process_index}: {acc.distributed_type} local_rows={local}", fl
 def launch(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cpu_fsdp")
     config = tmp / "accelerate.yaml"
-    settings = resolve_runs({"fsdp": {"auto_wrap_policy": "NO_WRAP"}})["demo"]
+    settings = resolve_runs({})["demo"]  # the default: FSDP2, TRANSFORMER_BASED_WRAP
     accelerate_config.write(settings, config, gpus=0)
     script = tmp / "probe.py"
     script.write_text(PROBE)
@@ -48,21 +61,24 @@ def launch(tmp_path_factory):
         assert result.returncode == 0, result.stderr[-3000:]
         # Both ranks share one pipe, and print() may write a line and its newline in two
         # writes, so lines can interleave: find the records, not the lines.
-        return sorted(re.findall(r"rank \d+: \S+ local_rows=\d+", result.stdout))
+        return sorted(re.findall(r"rank \d+: \S+ wrapped=\S* base_rows=\d+ lora_rows=\d+", result.stdout))
 
     return run
 
 
-def test_with_the_shim_the_model_is_sharded_across_two_ranks(launch):
+def test_with_the_shim_a_peft_decoder_is_wrapped_per_layer_and_sharded_across_two_ranks(launch):
+    # each decoder layer, the embeddings, the LM head and the root are FSDP units; frozen base
+    # and trainable LoRA weights alike hold half their rows on each rank, through a training step
+    wrapped = "FSDPEmbedding,FSDPLinear,FSDPLlamaDecoderLayer,FSDPLlamaDecoderLayer,FSDPPeftModel"
     assert launch("shim") == [
-        "rank 0: DistributedType.FSDP local_rows=32",
-        "rank 1: DistributedType.FSDP local_rows=32",
+        f"rank 0: DistributedType.FSDP wrapped={wrapped} base_rows=32 lora_rows=4",
+        f"rank 1: DistributedType.FSDP wrapped={wrapped} base_rows=32 lora_rows=4",
     ]
 
 
 def test_without_the_shim_accelerate_falls_back_to_unsharded_multi_cpu(launch):
     # If this starts failing, Accelerate handles FSDP on CPU itself: drop the shim.
     assert launch("plain") == [
-        "rank 0: DistributedType.MULTI_CPU local_rows=64",
-        "rank 1: DistributedType.MULTI_CPU local_rows=64",
+        "rank 0: DistributedType.MULTI_CPU wrapped= base_rows=64 lora_rows=8",
+        "rank 1: DistributedType.MULTI_CPU wrapped= base_rows=64 lora_rows=8",
     ]
