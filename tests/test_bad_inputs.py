@@ -2,6 +2,7 @@
 key, file or module, a non-zero exit, before the expensive steps (data preparation where the
 config alone can tell, training where the model files can)."""
 
+import json
 import shutil
 
 import pytest
@@ -37,6 +38,7 @@ CONFIG_CASES = {
     "bad run name": ({"runs": {"my run": {}}}, "config error at 'runs'"),
     "eval steps missing": ({"training": {"eval_strategy": "steps"}}, "config error at 'runs.demo.training.eval_steps'"),
     "push without repo": ({"hub": {"push": True}}, "config error at 'runs.demo.hub.repo_id': hub.push is true but no repo_id"),
+    "template name typo": ({"data": {"chat_template_format": "chatmll"}}, "config error at 'runs.demo.data.chat_template_format': 'chatmll' is neither chatml, zephyr, tokenizer"),
     "push without token": ({"hub": {"push": True, "repo_id": "me/demo"}}, "config error at 'runs.demo.hub.push': publishing is on but no Hugging Face token"),
 }
 
@@ -145,8 +147,9 @@ def assert_stopped_before_training(workdir, result, message, prepared=True):
     assert not (workdir / "results/demo/train").exists()
     train_log = workdir / "logs/fsdp_train/demo.log"
     assert not train_log.exists() or "accelerate.commands.launch" not in train_log.read_text()  # no rank started
-    if not prepared:
-        assert not (workdir / "resources/prepared").exists()
+    prepared_dir = workdir / "resources/prepared"
+    if not prepared and prepared_dir.exists():  # nothing prepared, not even a hidden temporary
+        assert not list(prepared_dir.iterdir())
     # one line, not a traceback, on the console
     assert "Traceback" not in result.stdout
 
@@ -204,3 +207,54 @@ def test_a_training_failure_shows_one_line_on_the_console(tmp_path):
     log = (workdir / "logs/fsdp_train/demo.log").read_text()
     assert log.count("Traceback (most recent call last)") >= 2  # each rank's, and the launcher's
     assert not (workdir / "results/demo/train/done.json").exists()
+
+
+# --- the data files tell: stops in fetching or preparing them, before training ---------------
+
+GOOD_ROW = {"messages": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]}
+
+
+def data_rows(n, bad=None):
+    rows = [json.dumps({"messages": [{"role": "user", "content": f"echo {i}"}, {"role": "assistant", "content": str(i)}]}) for i in range(n)]
+    if bad is not None:
+        rows[bad[0]] = bad[1]
+    return "\n".join(rows) + "\n"
+
+
+def test_a_row_with_a_number_for_content_is_named_by_its_line_and_no_other_row_changes(tmp_path):
+    # "243" and "[1, 2]" are strings and stay strings; only line 7 is bad
+    bad = json.dumps({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "5"}]})
+    workdir = workflow_with(tmp_path, {"dataset": {"source": "rows.jsonl"}})
+    text = data_rows(40, bad=(6, bad)).replace('"content": "12"', '"content": "243"').replace('"content": "13"', '"content": "[1, 2]"')
+    (workdir / "rows.jsonl").write_text(text)
+    result = snakemake(workdir, "--cores", "2", "train", check=False)
+    assert_stopped_before_training(workdir, result, "ERROR: rows.jsonl, row 6 (line 7): non-string content: messages[0] (user) has int content", prepared=False)
+    assert "non-string content" in result.stdout and "more bad rows" not in result.stdout
+
+    # with skip, exactly that row is dropped, and the console says so
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["data"]["on_bad_row"] = "skip"
+    config["runs"]["demo"]["training"]["max_steps"] = 1
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(workdir, "--cores", "2", "data")
+    assert "prepare_data: dropped 1 row" in result.stdout and "non-string content" in result.stdout, result.stdout[-3000:]
+    stats = json.loads(next((workdir / "resources/prepared").glob("*/stats.json")).read_text())
+    assert sum(s["conversations_out"] for s in stats["splits"].values()) == 39
+
+
+def test_bytes_that_are_not_utf8_stop_the_fetch_naming_file_and_line(tmp_path):
+    workdir = workflow_with(tmp_path, {"dataset": {"source": "rows.jsonl"}})
+    lines = data_rows(20).encode().split(b"\n")
+    lines[4] = lines[4].replace(b"echo", b"ech\xff")
+    (workdir / "rows.jsonl").write_bytes(b"\n".join(lines))
+    result = snakemake(workdir, "--cores", "2", "train", check=False)
+    assert_stopped_before_training(workdir, result, "rows.jsonl: line 5: not UTF-8 (byte 0xff", prepared=False)
+    assert not (workdir / "resources/datasets").exists() or not list((workdir / "resources/datasets").iterdir())
+
+
+def test_a_template_with_a_jinja_syntax_error_is_one_line_naming_it(tmp_path):
+    workdir = workflow_with(tmp_path, {"data": {"chat_template_format": "mine.jinja"}})
+    (workdir / "mine.jinja").write_text("{% for m in messages %}{% generation %}\n{{ m['content'] }\n{% endgeneration %}{% endfor %}")
+    result = snakemake(workdir, "--cores", "2", "train", check=False)
+    assert_stopped_before_training(workdir, result, "ERROR: data.chat_template_format: mine.jinja: line 2: Jinja syntax error", prepared=False)
+    assert "bad rows" not in result.stdout

@@ -190,8 +190,9 @@ def pushed_runs(runs):
 
 
 def check_local_sources(runs):
-    """Local data set and model paths exist (a model directory with its config.json), checked
-    when the DAG is built rather than by the first job that reads them."""
+    """Local data set and model paths exist (a model directory with its config.json), and a
+    chat template is a known format or a file: checked when the DAG is built rather than by
+    the first job that reads them."""
     for name, s in runs.items():
         data, model = s["dataset"]["source"], s["model"]["source"]
         if data != "builtin" and not data.startswith("hf:") and not Path(data).exists():
@@ -201,6 +202,12 @@ def check_local_sources(runs):
                 raise ConfigError(f"config error at 'runs.{name}.model.source': {model} is not a directory")
             if not (Path(model) / "config.json").is_file():
                 raise ConfigError(f"config error at 'runs.{name}.model.source': {model} is not a model directory (no config.json)")
+        template = s["data"]["chat_template_format"]
+        if template not in ("chatml", "zephyr", "tokenizer") and not Path(template).is_file():
+            raise ConfigError(
+                f"config error at 'runs.{name}.data.chat_template_format': {template!r} is neither chatml, zephyr, "
+                "tokenizer (the model's own) nor a template file"
+            )
 
 
 def check_hub_token(pushed):
