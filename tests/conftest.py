@@ -44,6 +44,11 @@ def plain_shell_env(tmp_root=Path(os.environ.get("TMPDIR", "/tmp"))):
         trap = traps / name
         trap.write_text(f'#!/bin/sh\necho "plain shell: a job ran \'{name}\' from PATH ($0 $*)" >&2\nexit 97\n')
         trap.chmod(0o755)
+    # The SLURM executor plugin runs `scontrol show config` whenever Snakemake starts; where a
+    # SLURM client is installed but no controller runs (after the SLURM tests), that waits 9 s.
+    # Local runs need no SLURM: an scontrol that fails at once.
+    (traps / "scontrol").write_text("#!/bin/sh\nexit 1\n")
+    (traps / "scontrol").chmod(0o755)
     path = [p for p in os.environ["PATH"].split(os.pathsep) if Path(p).resolve() != BIN.resolve()]
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
     return {**env, "PATH": os.pathsep.join([str(traps), *path])}
@@ -85,6 +90,16 @@ def jobs_in_dry_run(output):
 
 def default_config(workdir=REPO):
     return yaml.safe_load((Path(workdir) / "config.yaml").read_text())
+
+
+def copy_run(workdir, dest, config=None):
+    """A copy of a finished workflow directory (results, resources, Snakemake's records, with
+    their times), optionally with another config.yaml: a rerun redoes only what the change
+    touches, as it would in the original."""
+    shutil.copytree(workdir, dest, symlinks=True)
+    if config is not None:
+        (Path(dest) / "config.yaml").write_text(yaml.safe_dump(config))
+    return Path(dest)
 
 
 @pytest.fixture(scope="session")

@@ -485,15 +485,16 @@ def files_containing(workdir, needle):
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory):
-    """The default workflow with hub.push on, run once against the fake hub with a
-    recognisable token in HF_TOKEN (the create call fails once with 503, to be retried)."""
-    from conftest import copy_workflow, default_config, snakemake
+def published(demo_run, tmp_path_factory):
+    """The default run with hub.push on, published against the fake hub with a recognisable
+    token in HF_TOKEN (the create call fails once with 503, to be retried). It starts from a
+    copy of the finished default run: publishing settings rerun no training."""
+    from conftest import copy_run, default_config, snakemake
 
     tmp = tmp_path_factory.mktemp("hub-workflow")
     config = default_config()
     config["hub"] = {"push": True, "repo_id": REPO, "retry_backoff": 0.05, "tags": ["shardtune-test"]}
-    workdir = copy_workflow(tmp / "work", config)
+    workdir = copy_run(demo_run, tmp / "work", config)
     with FakeHub(tokens=[TOKEN]) as server:
         server.fail("POST", r"^/api/repos/create$", 503)
         env = {
@@ -508,6 +509,7 @@ def published(tmp_path_factory):
 
 def test_workflow_publishes_the_run(published):
     workdir, server = published.workdir, published.server
+    assert "rule fsdp_train:" not in published.output  # publishing settings retrain nothing
     record = json.loads((workdir / "results/demo/hub/upload.json").read_text())
     repo = server.repos[REPO]
     assert repo.private and len(repo.commits) == 1 and record["commit"] == repo.sha
