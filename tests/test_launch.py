@@ -2,7 +2,11 @@
 multi-node allocation, rendered from fake SLURM variables."""
 
 import json
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -294,3 +298,29 @@ def test_a_failed_launch_names_this_attempts_error_only(tmp_path, monkeypatch):
         launch.run(argv, log)
     assert str(raised.value) == f"training failed (exit 1): ImportError: You need to install `galore_torch` (full output: {log})"
     assert "ChildFailedError" in log.read_text()  # the whole output stays in the log
+
+
+def test_a_cancelled_job_passes_the_signal_to_the_launch(tmp_path):
+    """SIGTERM to the job's process (Snakemake or SLURM cancelling it) reaches the launch."""
+    script = tmp_path / "job.py"
+    marker = tmp_path / "got-sigterm"
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, 'w').close(), sys.exit(3)))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(launch.__file__).parents[2])!r})\n"
+        "from shardtune.launch.launcher import _run_forwarding_signals\n"
+        f"sys.exit(_run_forwarding_signals([sys.executable, {str(child)!r}], open({str(tmp_path / 'log')!r}, 'w'), None))\n"
+    )
+    job = subprocess.Popen([sys.executable, str(script)])
+    log, deadline = tmp_path / "log", time.time() + 30
+    while not (log.exists() and "ready" in log.read_text()):
+        assert time.time() < deadline, "the launch never started"
+        time.sleep(0.1)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=30) == 3 and marker.exists()

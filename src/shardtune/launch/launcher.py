@@ -22,6 +22,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -252,6 +253,19 @@ def error_line(text):
     return None
 
 
+def _run_forwarding_signals(command, log_file, env):
+    """Run the launch and wait for it; a SIGTERM or SIGINT sent to this process (Snakemake
+    cancelling the job, SLURM ending it) is passed on, so that no rank outlives the job."""
+    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    forward = lambda signum, frame: child.send_signal(signum)  # noqa: E731
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run(argv, log_path, env=None, console=None):
     """Start training for the fsdp_train job, its output (every rank's) appended to log_path;
     `console(line)` also shows what the user should see without opening the log. A failure
@@ -273,7 +287,7 @@ def run(argv, log_path, env=None, console=None):
             log(f"attention: {attn} ({why})", console_too=True)
         command = job_command(args, env, log)
         log(shlex.join(command[:5]) + " ...")
-        code = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env).returncode
+        code = _run_forwarding_signals(command, log_file, env)
     if code:
         with open(log_path, errors="replace") as handle:
             handle.seek(start)
