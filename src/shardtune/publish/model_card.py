@@ -6,6 +6,7 @@ handling) never appears in it.
 """
 
 import yaml
+from huggingface_hub import ModelCardData
 
 from shardtune.plan.autobatch import with_resolved
 from shardtune.report.runinfo import versions as software_versions  # the card reports what the run record does
@@ -185,7 +186,7 @@ def render(
     done = done or {}
     settings = with_resolved(settings, done.get("resolved"))  # `auto` batch settings as training used them
     base = base_model_id(settings)
-    front = yaml.safe_dump(metadata_of(settings), sort_keys=False, allow_unicode=True)
+    front = ModelCardData(**metadata_of(settings)).to_yaml() + "\n"  # the hub's own metadata writer
     method = "QLoRA" if settings["quantization"]["load_in_4bit"] else "LoRA"
     intro = (
         f"A {method} adapter for [`{base}`](https://huggingface.co/{base})" if base else f"A {method} adapter"
