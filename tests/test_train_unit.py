@@ -91,7 +91,39 @@ def test_peak_memory_reports_reserved_and_allocated_on_a_gpu(monkeypatch):
 
     cpu_peak, cpu_allocated = peak_memory_gib()
     assert cpu_peak > 0.1 and cpu_allocated is None
+    # on CPU it is the real resident peak: in a fresh process, touching 0.5 GiB more raises it by about that
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from shardtune.train.entry import peak_memory_gib; before = peak_memory_gib()[0];"
+        "block = torch.ones(2**27); print(peak_memory_gib()[0] - before)"  # 0.5 GiB of float32, every page written
+    )
+    grown = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
+    assert 0.4 < grown < 0.6, grown
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 30 * 2**30)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 20 * 2**30)
     assert peak_memory_gib() == (30.0, 20.0)
+
+
+def test_flash_attention_batches_are_flattened_with_every_conversation_starting_at_position_0():
+    """What the varlen flash kernel gets (its only input about boundaries is the position ids):
+    TRL's padding-free collator, which training uses for flash_attention_2, flattens prepared
+    rows into one sequence whose positions restart at every packed conversation, with the same
+    tokens, positions and labels as the per-row collator of sdpa/eager, concatenated."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from shardtune.train.collate import PackedRowsCollator
+
+    rows = [
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]},
+        {"input_ids": [10, 11, 12], "labels": [-100, 11, 12], "seq_lengths": [3]},
+    ]
+    flat = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    assert flat["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12]] and "attention_mask" not in flat
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    per_row = PackedRowsCollator(pad_token_id=0)(rows)
+    real = per_row["input_ids"] != 0
+    assert flat["position_ids"][0].tolist() == per_row["position_ids"][real].tolist()
+    assert flat["labels"][0].tolist() == per_row["labels"][real].tolist() == [-100, 6, 7, -100, 9, -100, 11, 12]
