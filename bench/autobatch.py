@@ -79,7 +79,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from shardtune.plan.memory import estimate, model_shape
+    from shardtune.plan.memory import estimate
+    from shardtune.plan.shape import model_shape
 
     work = args.work
     fx = bl.fixtures(work, args.model, args.conversations, args.max_seq_len)

@@ -56,7 +56,8 @@ def guide_rows():
     import yaml
 
     from shardtune.config import deep_merge, resolve_runs
-    from shardtune.plan.memory import estimate, model_shape
+    from shardtune.plan.memory import estimate
+    from shardtune.plan.shape import model_shape
 
     rows = []
     for case, preset, overrides, world, what, low, high in GUIDE:
@@ -78,7 +79,8 @@ def guide_rows():
 
 
 def cpu_rows(work):
-    from shardtune.plan.memory import CPU_RANK_LIBRARIES_GIB, estimate, model_shape
+    from shardtune.plan.memory import CPU_RANK_LIBRARIES_GIB, estimate
+    from shardtune.plan.shape import model_shape
 
     rows = []
     for record in sorted(Path(work).rglob("run.json")):

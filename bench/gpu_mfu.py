@@ -73,7 +73,7 @@ def main(argv=None):
     import torch
     from transformers import LlamaConfig
 
-    from shardtune.plan.memory import model_shape
+    from shardtune.plan.shape import model_shape
 
     spec = {**bl.BASE_SPEC, **SPEC_1B}
     config = LlamaConfig(

@@ -135,7 +135,7 @@ def main(argv=None):
                 row["train_ratio"] = row["train_peak_gib"] / base["train_peak_gib"]
             if row["pss_gib"] and base["pss_gib"]:
                 row["pss_ratio"] = row["pss_gib"] / base["pss_gib"]
-    from shardtune.plan.memory import model_shape
+    from shardtune.plan.shape import model_shape
 
     shape = model_shape(str(fx["model_files"]), settings["lora"])
     out = args.out or work / f"{tag}.json"

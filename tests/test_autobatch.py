@@ -10,8 +10,9 @@ from transformers import LlamaConfig
 
 from shardtune.config import ConfigError, resolve_runs
 from shardtune.plan import autobatch
-from shardtune.plan.memory import estimate, model_shape
+from shardtune.plan.memory import estimate
 from shardtune.plan.preflight import preflight
+from shardtune.plan.shape import model_shape
 
 TINY = LlamaConfig(
     hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=512

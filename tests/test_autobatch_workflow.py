@@ -10,7 +10,8 @@ import pytest
 from shardtune.config import resolve_runs
 from shardtune.inputs.builtin_model import build_model
 from shardtune.plan.autobatch import with_resolved
-from shardtune.plan.memory import estimate, model_shape
+from shardtune.plan.memory import estimate
+from shardtune.plan.shape import model_shape
 from shardtune.train.checkpoints import checkpoints
 
 from conftest import copy_workflow, default_config, snakemake

@@ -82,7 +82,8 @@ TINY = LlamaConfig(
 
 
 def test_pick_setting_takes_the_largest_batch_that_fits_without_checkpointing(tmp_path):
-    from shardtune.plan.memory import estimate, model_shape
+    from shardtune.plan.memory import estimate
+    from shardtune.plan.shape import model_shape
 
     recipe = bench_settings(tmp_path, gradient_accumulation_steps=4, gradient_checkpointing=True)
     shape = model_shape(TINY, recipe["lora"])
@@ -100,7 +101,8 @@ def test_pick_setting_takes_the_largest_batch_that_fits_without_checkpointing(tm
 
 
 def test_pick_setting_uses_checkpointing_only_when_nothing_fits_without_it(tmp_path):
-    from shardtune.plan.memory import estimate, model_shape
+    from shardtune.plan.memory import estimate
+    from shardtune.plan.shape import model_shape
 
     recipe = bench_settings(tmp_path)
     shape = model_shape(TINY, recipe["lora"])
@@ -124,7 +126,7 @@ def test_throughput_counts_only_steps_after_warmup():
 def test_gpu_flops_per_token_counts_forward_and_input_gradient():
     import gpu_mfu
 
-    from shardtune.plan.memory import model_shape
+    from shardtune.plan.shape import model_shape
 
     shape = model_shape(TINY, {"r": 8, "target_modules": "all-linear"})
     flops = gpu_mfu.flops_per_token(shape, 512)

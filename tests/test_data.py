@@ -16,10 +16,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from shardtune.config import prepared_key
-from shardtune.errors import DataError
 from shardtune.data.prepare import SplitReport, prepare, prepare_split
 from shardtune.data.templates import CHATML, chat_template
-from shardtune.data.tokenize import IGNORE_INDEX, render_batch, load_tokenizer, tokenize_rendered
+from shardtune.data.tokenize import IGNORE_INDEX, load_tokenizer, render_batch, tokenize_rendered
+from shardtune.errors import DataError
 from shardtune.inputs.builtin_data import build_conversations
 from shardtune.inputs.sources import ROW_COLUMN, fetch_dataset, model_path
 from shardtune.io import read_json, write_json

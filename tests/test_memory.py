@@ -8,6 +8,7 @@ import yaml
 from transformers import LlamaConfig
 
 from shardtune.config import ConfigError, deep_merge, resolve_runs
+from shardtune.plan.fit import check_fits
 from shardtune.plan.memory import (
     CONTEXT_GIB,
     CPU_ALLOCATOR_RETENTION,
@@ -18,10 +19,9 @@ from shardtune.plan.memory import (
     _attention_scores,
     _layer_saved_parts,
     _pow2ceil,
-    check_fits,
     estimate,
-    model_shape,
 )
+from shardtune.plan.shape import model_shape
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA2_70B = LlamaConfig(
@@ -281,7 +281,7 @@ def test_a_run_that_cannot_fit_is_refused_unless_forced():
 def test_the_guides_lora_run_is_warned_not_refused_on_an_80gb_card():
     """The estimate is within ~15% of real peaks, so a run estimated just above the card is let
     through with a warning: the guide ran this preset on 8 x 80GB (an H100 80GB reports 79.2 GiB)."""
-    from shardtune.plan.memory import ESTIMATE_TOLERANCE, over_budget_warnings
+    from shardtune.plan.fit import ESTIMATE_TOLERANCE, over_budget_warnings
 
     settings = preset("llama2-70b-lora-fsdp")
     report = estimate(model_shape(LLAMA2_70B, settings["lora"]), settings, 8)

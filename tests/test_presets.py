@@ -9,6 +9,7 @@ import yaml
 
 from shardtune.config import deep_merge, resolve_runs
 from shardtune.launch import accelerate_config
+
 from recipe_flags import recipe_flags
 
 REPO = Path(__file__).resolve().parents[1]

@@ -34,8 +34,6 @@ measured CPU runs, and lists what it does not explain.
 """
 
 import torch
-from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoModelForCausalLM
 
 GIB = 1024**3
 
@@ -79,61 +77,6 @@ TILE_TOKENS, TILE_VOCAB = 4096, 32768  # TRL's fused LM head: logits tile of tok
 
 # device terms allocated once for the whole run (the rest is allocated and freed every step)
 PERSISTENT_TERMS = ("base_weights", "quant_state", "lora_states")
-
-
-def _is_target(name, module, lora):
-    if not isinstance(module, torch.nn.Linear):
-        return False
-    if lora["target_modules"] == "all-linear":
-        return not name.endswith("lm_head")
-    return name.split(".")[-1] in lora["target_modules"]
-
-
-def model_shape(model_dir_or_config, lora):
-    """Parameter counts that drive memory, from the model built on the meta device."""
-    config = (
-        model_dir_or_config
-        if not isinstance(model_dir_or_config, str)
-        else AutoConfig.from_pretrained(model_dir_or_config)
-    )
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    layers = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))
-    linear = lora_params = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-            linear += module.weight.numel()
-        if _is_target(name, module, lora):
-            lora_params += lora["r"] * (module.in_features + module.out_features)
-    layer_linears = [m for m in layers[0].modules() if isinstance(m, torch.nn.Linear)]
-    linear_weights = {id(m.weight) for m in layer_linears}
-    in_layers = {id(p) for p in layers.parameters()}
-    # inputs of the LoRA targets of one layer: each target drops out its own copy of its input
-    targets = [(n, m) for n, m in layers[0].named_modules() if _is_target(n, m, lora)]
-    lora_inputs = sum(m.in_features for n, m in targets)
-    lora_attention_inputs = sum(m.in_features for n, m in targets if "attn" in n or "attention" in n)
-    text = getattr(config, "text_config", config)
-    heads = getattr(text, "num_attention_heads", None) or max(1, text.hidden_size // 64)
-    return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "linear_params": linear,  # what 4-bit quantization packs
-        "layer_params": sum(p.numel() for p in layers[0].parameters()),
-        "layer_linear_params": sum(m.weight.numel() for m in layer_linears),
-        "layer_largest_linear": max((m.weight.numel() for m in layer_linears), default=0),
-        "layer_lora_inputs": lora_inputs,
-        "layer_lora_attention_inputs": lora_attention_inputs,  # of targets in the attention block
-        # sizes of each parameter (FSDP2 shards and offloads parameter by parameter): of one
-        # decoder layer as [numel, whether 4-bit quantization packs it], and outside the layers
-        "layer_param_sizes": [[p.numel(), id(p) in linear_weights] for p in layers[0].parameters()],
-        "root_param_sizes": [p.numel() for p in model.parameters() if id(p) not in in_layers],
-        "lora_params": lora_params,
-        "layers": len(layers),
-        "hidden": text.hidden_size,
-        "intermediate": getattr(text, "intermediate_size", 4 * text.hidden_size),
-        "heads": heads,
-        "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
-        "vocab": text.vocab_size,
-    }
 
 
 def _trains_on_cuda(settings, gpus_planned=0):
@@ -391,72 +334,3 @@ def estimate(shape, settings, world_size, gpus_planned=0, flattened=None):
         "cpu_allocator": None if cuda else _cpu_allocator(settings),
         "shape": shape,
     }
-
-
-# The estimate follows measured peaks and the guide's figures within about 15% either way
-# (BENCHMARKS.md), so a run estimated a little above its budget may well fit (the guide's own
-# 70B LoRA run is estimated at 85.4 GiB for 80 GB cards): warn up to this margin, refuse beyond.
-ESTIMATE_TOLERANCE = 0.15
-
-
-TRAINING_ADVICE = "lower the batch size, enable gradient_checkpointing or fsdp.offload_params, add devices"
-
-
-# transformers 5 quantizes onto each rank's GPU (no device_map), so more GPUs do not help here
-LOADING_ADVICE = (
-    "the 4-bit model loads whole onto each GPU before FSDP shards it, so more GPUs do not help: use GPUs "
-    "that hold it, or a smaller model"
-)
-
-
-def check_fits(report, device_gib, cpu_gib, force, device_source="declared"):
-    """What the estimate puts over the declared memory (`device_source` says where the device
-    figure came from); refuses (unless forced) a run estimated more than ESTIMATE_TOLERANCE above it."""
-    from shardtune.config import ConfigError
-
-    over, refuse, advice = [], False, []
-    checks = (
-        (report["device_gib"], device_gib, "per device", device_source, TRAINING_ADVICE),
-        (report.get("device_load_gib", 0), device_gib, "per device while loading", device_source, LOADING_ADVICE),
-        (report["cpu_gib"], cpu_gib, "of CPU memory", "declared", TRAINING_ADVICE),
-    )
-    for need, have, what, source, remedy in checks:
-        if have and need > have:
-            over.append(f"needs ~{need:.1f} GiB {what}, {have:.1f} GiB {source}")
-            if need > have * (1 + ESTIMATE_TOLERANCE):
-                refuse = True
-                advice += [remedy] if remedy not in advice else []
-    if refuse and not force:
-        raise ConfigError(
-            "config error at 'memory': the run will not fit: "
-            + "; ".join(over)
-            + f" (more than the estimate's {ESTIMATE_TOLERANCE:.0%} tolerance; "
-            + "; ".join(advice)
-            + ", or set memory.force: true)"
-        )
-    return over
-
-
-def over_budget_warnings(over, force):
-    why = "memory.force" if force else f"within the estimate's {ESTIMATE_TOLERANCE:.0%} tolerance"
-    return [f"warning ({why}): {problem}" for problem in over]
-
-
-def format_report(report):
-    lines = [f"memory estimate for {report['world_size']} process(es):"]
-    lines.append(f"  per device: {report['device_gib']:.2f} GiB")
-    phases = ("layer_working_set", "logits")
-    lines += [
-        f"    {k}: {v:.2f} GiB"
-        + (" (not at the peak)" if k in phases and k != report.get("device_peak_phase", k) else "")
-        for k, v in report["device_breakdown_gib"].items()
-    ]
-    if report.get("device_load_gib", 0) > report["device_gib"]:
-        lines.append(
-            f"  per device while loading: {report['device_load_gib']:.2f} GiB "
-            "(the 4-bit model whole on each GPU before FSDP shards it)"
-        )
-    phase = f" (peak: {report['cpu_peak_phase'].replace('_', ' ')})" if "cpu_peak_phase" in report else ""
-    lines.append(f"  CPU: {report['cpu_gib']:.2f} GiB{phase}")
-    lines += [f"    {k}: {v:.2f} GiB" for k, v in report["cpu_breakdown_gib"].items()]
-    return "\n".join(lines)

@@ -1,7 +1,9 @@
 """The estimate_memory step: model and settings checked, `auto` batch settings resolved, the
 memory estimate checked against the budget and written to memory.json."""
 
-from shardtune.plan.memory import check_fits, estimate, format_report, model_shape, over_budget_warnings
+from shardtune.plan.fit import check_fits, format_report, over_budget_warnings
+from shardtune.plan.memory import estimate
+from shardtune.plan.shape import model_shape
 
 
 def preflight(model_dir, accelerate_yaml, settings, out_json, log=print, gpus_planned=0):

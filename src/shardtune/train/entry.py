@@ -38,7 +38,7 @@ from shardtune.io import read_json, write_json  # noqa: E402
 from shardtune.launch import allocator  # noqa: E402
 from shardtune.plan.attention import attention_implementation  # noqa: E402
 from shardtune.plan.autobatch import apply_resolved, describe  # noqa: E402
-from shardtune.plan.memory import check_fits, format_report, over_budget_warnings  # noqa: E402
+from shardtune.plan.fit import check_fits, format_report, over_budget_warnings  # noqa: E402
 from shardtune.publish.every_save import every_save_callback  # noqa: E402
 from shardtune.report.runinfo import versions  # noqa: E402
 from shardtune.train.checkpoints import MarkCompleteCheckpoints, SaveAtEnd, latest_complete, remove_incomplete  # noqa: E402
