@@ -122,3 +122,12 @@ def test_bad_config_stops_before_any_job_naming_the_key(tmp_path, override, key)
     assert result.returncode != 0
     assert f"config error at '{key}'" in result.stdout, result.stdout[-2000:]
     assert not (workdir / "results").exists() and not (workdir / "resources").exists()
+
+
+def test_the_logs_carry_no_library_noise(demo_run):
+    """Warnings that say nothing to a user (deprecations inside TRL/PEFT, bitsandbytes' kernel
+    download) are silenced at the source; what matters is said on the console."""
+    for log in (demo_run / "logs").rglob("*.log"):
+        text = log.read_text()
+        for noise in ("FutureWarning", "DeprecationWarning", "kernels-community"):
+            assert noise not in text, f"{log.relative_to(demo_run)}: {noise}"

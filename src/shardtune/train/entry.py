@@ -14,14 +14,9 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from shardtune.launch.cpu_fsdp import keep_fsdp_on_cpu
-
-# transformers 5 renamed gradient checkpointing to activation checkpointing, and TRL still reads
-# the old names, warning on every rank at every save: nothing a user can act on.
-warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing(_kwargs)?` is deprecated", FutureWarning)
 
 keep_fsdp_on_cpu()  # before anything creates Accelerate's state
 
