@@ -15,6 +15,8 @@ from shardtune.config import load_schema, validate
 from shardtune.launch import launcher as launch
 from shardtune.launch import resources as cluster
 
+from conftest import plain_shell_env
+
 SCHEMA = load_schema()
 
 
@@ -223,7 +225,11 @@ class _Resources(dict):
 def sbatch_line(res, threads=2):
     """The sbatch command the SLURM executor plugin builds for a job with these resources
     (Snakemake drops resources that are None before the plugin sees them)."""
-    submit_string = pytest.importorskip("snakemake_executor_plugin_slurm.submit_string")
+    # importing the plugin runs `scontrol show config`, which waits 9 s for an absent controller
+    # where a SLURM client is installed: the plain shell's scontrol fails at once
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PATH", plain_shell_env()["PATH"])
+        submit_string = pytest.importorskip("snakemake_executor_plugin_slurm.submit_string")
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
     values = {k: v for k, v in cluster.job_resources(res, threads).items() if v is not None}
