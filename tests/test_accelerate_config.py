@@ -50,3 +50,13 @@ def test_accelerate_accepts_the_file(tmp_path):
     parsed = load_config_from_file(str(path))
     assert str(parsed.distributed_type).endswith("FSDP") and parsed.num_processes == loaded["num_processes"]
     assert parsed.fsdp_config["fsdp_version"] == 2
+
+
+def test_the_file_is_the_config_plus_only_accelerates_defaults(tmp_path):
+    """Written by Accelerate's ClusterConfig: every key of ours as we set it, and nothing else
+    but the defaults Accelerate adds itself."""
+    path = tmp_path / "accelerate.yaml"
+    ours = accelerate_config.write(settings(), path, gpus=0)
+    written = yaml.safe_load(path.read_text())
+    assert {k: written[k] for k in ours} == ours
+    assert set(written) - set(ours) == {"enable_cpu_affinity"} and written["enable_cpu_affinity"] is False

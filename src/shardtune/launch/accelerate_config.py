@@ -1,10 +1,7 @@
 """The Accelerate config file (`accelerate launch --config_file`) for a run."""
 
-import os
-
-import yaml
-
 from shardtune.config import ConfigError
+from shardtune.io import atomic_file
 
 
 def resolve_num_processes(fsdp, gpus):
@@ -71,9 +68,10 @@ def write(settings, path, gpus):
             f"config error at 'fsdp.num_processes': {config['num_processes']} processes on "
             f"{config['num_machines']} machine(s) but {gpus} GPU(s) per machine are visible; lower it or use auto"
         )
-    text = yaml.safe_dump(config, sort_keys=False)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    # Accelerate's own config class writes the file: a key it does not know fails here, and what
+    # it adds is its defaults (enable_cpu_affinity: false)
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    with atomic_file(path) as tmp:
+        ClusterConfig(**config).to_yaml_file(tmp)
     return config
