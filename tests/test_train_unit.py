@@ -127,3 +127,28 @@ def test_flash_attention_batches_are_flattened_with_every_conversation_starting_
     real = per_row["input_ids"] != 0
     assert flat["position_ids"][0].tolist() == per_row["position_ids"][real].tolist()
     assert flat["labels"][0].tolist() == per_row["labels"][real].tolist() == [-100, 6, 7, -100, 9, -100, 11, 12]
+
+
+def test_the_csv_log_comes_from_the_trainers_log_history(tmp_path):
+    """Rows for logging steps and evaluations (not the end-of-training summary); tokens/s over
+    each interval from the Trainer's own counters, none across a resume's restarted clock."""
+    import csv
+
+    from shardtune.train.entry import write_log_csv
+
+    history = [
+        {"step": 5, "epoch": 0.25, "loss": 6.1, "learning_rate": 2e-3, "grad_norm": 0.8, "num_input_tokens_seen": 4000, "train_runtime": 2.0},
+        {"step": 10, "epoch": 0.5, "loss": 5.8, "learning_rate": 1e-3, "grad_norm": 0.4, "num_input_tokens_seen": 8000, "train_runtime": 3.0},
+        {"step": 10, "epoch": 0.5, "eval_loss": 5.7, "num_input_tokens_seen": 8000, "eval_runtime": 0.5},
+        # resumed from checkpoint-10: the Trainer's clock restarts, its token count does not
+        {"step": 15, "epoch": 0.75, "loss": 5.6, "learning_rate": 5e-4, "grad_norm": 0.3, "num_input_tokens_seen": 12000, "train_runtime": 1.0},
+        {"step": 20, "epoch": 1.0, "loss": 5.5, "learning_rate": 1e-4, "grad_norm": 0.3, "num_input_tokens_seen": 16000, "train_runtime": 3.0},
+        {"step": 20, "train_runtime": 3.1, "train_loss": 5.7, "train_samples_per_second": 9.0},
+    ]
+    write_log_csv(history, tmp_path / "log.csv")
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert [(r["step"], r["loss"], r["eval_loss"]) for r in rows] == [
+        ("5", "6.1", ""), ("10", "5.8", ""), ("10", "", "5.7"), ("15", "5.6", ""), ("20", "5.5", "")
+    ]
+    assert [r["tokens_per_second"] for r in rows] == ["2000.0", "4000.0", "", "", "2000.0"]
+    assert [p.name for p in tmp_path.iterdir()] == ["log.csv"]

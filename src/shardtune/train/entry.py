@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from shardtune.launch.cpu_fsdp import keep_fsdp_on_cpu
@@ -24,12 +23,12 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from shardtune.errors import UserError  # noqa: E402
 from shardtune.inputs.modeling import load_base_model, packed_position_ids  # noqa: E402
-from shardtune.io import read_json, write_json  # noqa: E402
+from shardtune.io import atomic_file, read_json, write_json  # noqa: E402
 from shardtune.launch import allocator  # noqa: E402
 from shardtune.plan.attention import attention_implementation  # noqa: E402
 from shardtune.plan.autobatch import apply_resolved, describe  # noqa: E402
@@ -100,40 +99,32 @@ def sft_config(settings, output_dir, attn="sdpa"):
     )
 
 
-class CsvLog(TrainerCallback):
-    """Loss, learning rate, grad norm and tokens/s per logging step, as CSV (main process)."""
+LOG_FIELDS = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second", "tokens_seen"]
 
-    FIELDS = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second", "tokens_seen"]
 
-    def __init__(self, path):
-        self.path = Path(path)
-        self.last = None
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        now, seen = time.perf_counter(), state.num_input_tokens_seen
+def write_log_csv(log_history, path):
+    """The training log as CSV, from the Trainer's own log_history (resumed runs included):
+    one row per logging step and per evaluation; tokens/s over the interval since the previous
+    training entry, from the Trainer's num_input_tokens_seen and train_runtime (None where a
+    resume restarted the clock)."""
+    rows, last = [], None
+    for entry in log_history:
+        if "loss" not in entry and "eval_loss" not in entry:
+            continue  # the end-of-training summary
         rate = None
-        if self.last and now > self.last[0] and seen > self.last[1]:
-            rate = (seen - self.last[1]) / (now - self.last[0])
-        self.last = (now, seen)
-        new = not self.path.exists()
-        with self.path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(
-                {
-                    "step": state.global_step,
-                    "epoch": logs.get("epoch", state.epoch),
-                    "loss": logs.get("loss"),
-                    "eval_loss": logs.get("eval_loss"),
-                    "learning_rate": logs.get("learning_rate"),
-                    "grad_norm": logs.get("grad_norm"),
-                    "tokens_per_second": rate,
-                    "tokens_seen": seen,
-                }
-            )
+        if "train_runtime" in entry:
+            now, seen = entry["train_runtime"], entry["num_input_tokens_seen"]
+            if last is None:
+                rate = seen / now if now > 0 else None
+            elif now > last[0] and seen > last[1]:
+                rate = (seen - last[1]) / (now - last[0])
+            last = (now, seen)
+        row = {k: entry.get(k) for k in ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm")}
+        rows.append(row | {"tokens_per_second": rate, "tokens_seen": entry.get("num_input_tokens_seen")})
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def fingerprint(settings, data_dir):
@@ -231,7 +222,7 @@ def main(argv=None):
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     config = sft_config(settings, out, attn)
-    callbacks = [MarkCompleteCheckpoints(), SaveAtEnd(), CsvLog(out / "log.csv")]
+    callbacks = [MarkCompleteCheckpoints(), SaveAtEnd()]
     every_save = json.loads(args.hub)
     if every_save:  # hub.strategy: every_save; the Trainer's own push would upload sharded state
         push = every_save_callback({**settings, **every_save}, out, run=out.parent.name, log=log)
@@ -271,6 +262,7 @@ def main(argv=None):
     torch.distributed.all_gather_object(peaks, peak_memory_gib())
     last = latest_complete(out)
     if is_main:
+        write_log_csv(trainer.state.log_history, out / "log.csv")
         save_file(
             {"input_ids": ids, "position_ids": positions, "logits": logits.float().cpu().contiguous()},
             out / "probe.safetensors",
