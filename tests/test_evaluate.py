@@ -41,7 +41,7 @@ def test_task_accuracy_per_family_base_and_tuned(demo_run):
         assert float(rows["all"][model]) == pytest.approx(overall, abs=1e-4)
 
 
-def test_task_accuracy_agrees_with_the_generations_and_the_references(demo_run, raw_test):
+def test_task_accuracy_agrees_with_the_generations_and_the_references(demo_run):
     """Per task, the accuracy is bounded by the side-by-side samples' own verdicts (they are
     among the scored prompts), and the constant-answer baseline is the share of the most
     common reference among the scored conversations, recomputed here from the raw test set."""
@@ -50,8 +50,9 @@ def test_task_accuracy_agrees_with_the_generations_and_the_references(demo_run, 
     metrics = read_json(demo_run / "results/demo/eval/metrics.json")
     per_task = metrics["generation"]["per_task"]
     samples = [json.loads(line) for line in (demo_run / "results/demo/eval/samples.jsonl").read_text().splitlines()]
+    test = raw_test(demo_run)
     scored = {}
-    for i, task in enumerate(raw_test["task"]):
+    for i, task in enumerate(test["task"]):
         if len(scored.setdefault(task, [])) < per_task:
             scored[task].append(i)
     for task, result in metrics["task_accuracy"].items():
@@ -60,7 +61,7 @@ def test_task_accuracy_agrees_with_the_generations_and_the_references(demo_run, 
             verdicts = [s[f"{model}_correct"] for s in samples if s["task"] == task]
             assert sum(verdicts) / n <= result[model] <= 1 - verdicts.count(False) / n, (task, model)
             assert 1 <= result[f"{model}_distinct"] <= n
-        references = Counter(raw_test[i]["messages"][-1]["content"].strip() for i in scored[task])
+        references = Counter(test[i]["messages"][-1]["content"].strip() for i in scored[task])
         assert result["constant_answer"] == pytest.approx(max(references.values()) / n), task
 
 
