@@ -1,7 +1,11 @@
 """A local stand-in for the Hugging Face Hub API, for tests: the calls huggingface_hub 2.4's
 HfApi makes for create_repo, repo_info, README metadata validation, preupload, commit and
-list_repo_tree. It listens on 127.0.0.1 only, answers every file as a "regular" upload (base64
-in the commit; no LFS, no xet) and keeps repos in memory, with their commit history.
+list_repo_tree. It listens on 127.0.0.1 only and keeps repos in memory, with their commit
+history. Files are "regular" uploads (base64 in the commit), except those ending in one of
+`lfs_suffixes`, which go through the LFS batch API (basic transfer: a PUT of the content, a
+verify call, an lfsFile entry in the commit) and are listed with their LFS pointer, as the
+hub lists them. The client uses LFS only with xet off (HF_HUB_DISABLE_XET): there is no fake
+xet storage.
 
 Tokens: `tokens` may write, `read_only` may only read; anything else is rejected with 401 as
 the hub does. `fail()` injects errors (optionally after applying the request, like a lost
@@ -26,6 +30,10 @@ REPO = r"(?P<repo>[^/]+/[^/]+)"
 
 def git_blob_id(data):
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(data):
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{hashlib.sha256(data).hexdigest()}\nsize {len(data)}\n".encode()
 
 
 @dataclass
@@ -62,8 +70,10 @@ class Fault:
 
 
 class FakeHub:
-    def __init__(self, tokens=("hf_fake_write",), read_only=()):
+    def __init__(self, tokens=("hf_fake_write",), read_only=(), lfs_suffixes=()):
         self.tokens, self.read_only = set(tokens), set(read_only)
+        self.lfs_suffixes = tuple(lfs_suffixes)
+        self.lfs_objects = {}  # sha256 -> content uploaded through the LFS batch API
         self.repos = {}
         self.requests = []
         self.faults = []
@@ -106,6 +116,9 @@ class FakeHub:
     def add_repo(self, repo_id, private):
         self.repos[repo_id] = Repo(repo_id, private)
         return self.repos[repo_id]
+
+    def is_lfs(self, path):
+        return bool(self.lfs_suffixes) and path.endswith(self.lfs_suffixes)
 
     def calls(self, method, pattern):
         return [p for m, p in self.requests if m == method and re.search(pattern, p)]
@@ -186,6 +199,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._dispatch("POST")
 
+    def do_PUT(self):
+        self._dispatch("PUT")
+
     def _route(self, method, path, query, body):
         routes = [
             ("GET", r"^/api/whoami-v2$", self.whoami),
@@ -195,6 +211,9 @@ class _Handler(BaseHTTPRequestHandler):
             ("POST", rf"^/api/models/{REPO}/commit/(?P<rev>[^/]+)$", self.commit),
             ("GET", rf"^/api/models/{REPO}/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?$", self.tree),
             ("GET", rf"^/api/models/{REPO}(?:/revision/(?P<rev>[^/]+))?$", self.info),
+            ("POST", rf"^/{REPO}\.git/info/lfs/objects/batch$", self.lfs_batch),
+            ("PUT", r"^/lfs/(?P<oid>[0-9a-f]{64})$", self.lfs_put),
+            ("POST", r"^/lfs/verify$", self.lfs_verify),
         ]
         for verb, pattern, handler in routes:
             match = re.match(pattern, path)
@@ -252,12 +271,17 @@ class _Handler(BaseHTTPRequestHandler):
         if denied:
             return denied
         files = found.at(rev) or {}
+        def oid(path):  # what the client compares its file with: sha256 for LFS, the blob id otherwise
+            if path not in files:
+                return None
+            return hashlib.sha256(files[path]).hexdigest() if self.hub.is_lfs(path) else git_blob_id(files[path])
+
         answer = [
             {
                 "path": entry["path"],
-                "uploadMode": "regular",
+                "uploadMode": "lfs" if self.hub.is_lfs(entry["path"]) else "regular",
                 "shouldIgnore": False,
-                "oid": git_blob_id(files[entry["path"]]) if entry["path"] in files else None,
+                "oid": oid(entry["path"]),
             }
             for entry in json.loads(body)["files"]
         ]
@@ -276,13 +300,18 @@ class _Handler(BaseHTTPRequestHandler):
             elif key == "file":
                 files[value["path"]] = base64.b64decode(value["content"])
                 sent.append(value["path"])
+            elif key == "lfsFile":
+                if value["oid"] not in self.hub.lfs_objects:
+                    return 400, {"error": f"fake hub: LFS object of {value['path']} was never uploaded"}, None
+                files[value["path"]] = self.hub.lfs_objects[value["oid"]]
+                sent.append(value["path"])
             elif key == "deletedFile":
                 files.pop(value["path"], None)
             elif key == "deletedFolder":
                 prefix = value["path"].rstrip("/") + "/"
                 files = {p: d for p, d in files.items() if not p.startswith(prefix)}
             else:
-                return 400, {"error": f"fake hub: {key} is not supported (regular files only)"}, None
+                return 400, {"error": f"fake hub: {key} is not supported"}, None
         oid = hashlib.sha1(f"{found.sha}\n{message}\n{len(found.commits)}".encode()).hexdigest()
         found.commits.append((oid, message, files, sent))
         return 200, {"commitUrl": f"{self.hub.url}/{repo}/commit/{oid}", "commitOid": oid, "success": True}, None
@@ -302,9 +331,45 @@ class _Handler(BaseHTTPRequestHandler):
             folders.update(prefix + "/".join(parts[:d]) for d in range(1, len(parts)) if recursive or d == 1)
             if recursive or len(parts) == 1:
                 data = files[path]
-                entries.append({"type": "file", "path": path, "size": len(data), "oid": git_blob_id(data)})
+                entry = {"type": "file", "path": path, "size": len(data), "oid": git_blob_id(data)}
+                if self.hub.is_lfs(path):  # the hub lists the pointer's blob id and the content's sha256
+                    pointer = lfs_pointer(data)
+                    entry["oid"] = git_blob_id(pointer)
+                    entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": len(pointer)}
+                entries.append(entry)
         entries += [{"type": "directory", "path": f, "size": 0, "oid": "0" * 40} for f in sorted(folders)]
         return 200, entries, None
+
+
+    # --- LFS (basic transfer) -------------------------------------------------------------
+
+    def lfs_batch(self, body, query, repo):
+        found, denied = self._repo(repo, write=True)
+        if denied:
+            return denied
+        objects = []
+        for obj in json.loads(body)["objects"]:
+            answer = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if obj["oid"] not in self.hub.lfs_objects:  # already stored: no actions, no upload
+                answer["actions"] = {
+                    "upload": {"href": f"{self.hub.url}/lfs/{obj['oid']}"},
+                    "verify": {"href": f"{self.hub.url}/lfs/verify"},
+                }
+            objects.append(answer)
+        return 200, {"transfer": "basic", "objects": objects}, None
+
+    def lfs_put(self, body, query, oid):
+        if hashlib.sha256(body).hexdigest() != oid:
+            return _error(400, "fake hub: LFS content does not match its oid")
+        self.hub.lfs_objects[oid] = body
+        return 200, {}, None
+
+    def lfs_verify(self, body, query):
+        obj = json.loads(body)
+        stored = self.hub.lfs_objects.get(obj["oid"])
+        if stored is None or len(stored) != obj["size"]:
+            return _error(404, "fake hub: LFS object not found")
+        return 200, {}, None
 
 
 if __name__ == "__main__":

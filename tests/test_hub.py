@@ -126,6 +126,35 @@ def test_publish_creates_private_repo_and_files_arrive_intact(server, run_dir):
     assert any("uploading 6 files" in line for line in log)
 
 
+@pytest.fixture
+def lfs_server(monkeypatch):
+    """A hub that takes the weights through LFS (the client's path when xet is off)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    with FakeHub(tokens=[TOKEN], lfs_suffixes=(".safetensors",)) as fake:
+        yield fake
+
+
+def test_weights_go_through_lfs_and_are_verified_by_their_sha256(lfs_server, run_dir):
+    settings = settings_for(lfs_server.url)
+    record, _ = publish(settings, run_dir)
+    repo = lfs_server.repos[REPO]
+    weights = (run_dir / "adapter/adapter_model.safetensors").read_bytes()
+    assert repo.files["adapter_model.safetensors"] == weights
+    assert len(lfs_server.calls("POST", r"\.git/info/lfs/objects/batch$")) == 1 and len(lfs_server.calls("PUT", "^/lfs/")) == 1
+    assert record["files"]["adapter_model.safetensors"]["sha256"] == sha256(weights)
+    # a rerun finds the LFS file unchanged (by its sha256) and commits nothing
+    again, _ = publish(settings, run_dir)
+    assert len(repo.commits) == 1 and not again["new_commit"] and len(lfs_server.calls("PUT", "^/lfs/")) == 1
+    # the check after a commit compares LFS content by sha256: a corrupted object is caught
+    repo.files["adapter_model.safetensors"] = weights[:-1] + bytes([weights[-1] ^ 1])
+    api = hub.hub_api(lfs_server.url, TOKEN)
+    items = hub.adapter_items(run_dir / "adapter")
+    with pytest.raises(hub.HubIntegrityError, match="adapter_model.safetensors on the hub differs"):
+        hub.verify(api, REPO, "main", items)
+
+
 def test_rerun_commits_nothing_when_the_hub_has_the_files(server, run_dir):
     settings = settings_for(server.url)
     first, _ = publish(settings, run_dir)
