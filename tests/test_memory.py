@@ -59,7 +59,12 @@ def test_llama2_70b_parameter_count_is_right():
         ("llama2-70b-qlora-fsdp", {}, 2, "device_gib", 19.6, 19.6),
     ],
 )
-def test_estimate_matches_the_guides_figures_within_15_percent(name, overrides, world, what, low, high):
+def test_estimate_stays_within_15_percent_of_the_guides_figures(name, overrides, world, what, low, high):
+    """A calibration guard, not a validation: the GPU caching allocator's reserve factor
+    (CUDA_TRANSIENT_RESERVE) was fitted to these same figures, so this only keeps a change of
+    the estimate from drifting away from them. The independent checks are the CPU runs
+    measured below (test_activation_peaks_match_a_measured_forward_and_backward) and, on a GPU,
+    bench/gpu_mfu.py, whose done.json records the reserved and allocated peaks per rank."""
     settings = preset(name, **overrides)
     report = estimate(model_shape(LLAMA2_70B, settings["lora"]), settings, world)
     assert low * 0.85 <= report[what] <= high * 1.15, (report[what], report["device_breakdown_gib"], report["cpu_breakdown_gib"])
@@ -241,13 +246,23 @@ def test_a_4bit_model_that_cannot_load_whole_onto_each_gpu_is_refused():
     assert check_fits(report, device_gib=37.0, cpu_gib=None, force=False) == []
 
 
-def test_the_peak_counts_the_larger_of_the_layer_and_loss_working_sets():
+def test_the_peak_is_the_larger_working_set_not_both():
+    """A 70B model peaks in a decoder layer's working set, a narrow model with a huge vocabulary
+    in the loss's logits; there, a layer working set that grows but stays below the logits
+    leaves the peak all but unchanged (only the layers' own weights and activations add)."""
     settings = preset("llama2-70b-lora-fsdp")
-    report = estimate(model_shape(LLAMA2_70B, settings["lora"]), settings, 8)
-    b = report["device_breakdown_gib"]
-    assert report["device_peak_phase"] == "layer_working_set"
-    static = sum(v for k, v in b.items() if k not in ("layer_working_set", "logits"))
-    assert report["device_allocated_gib"] == pytest.approx(static + max(b["layer_working_set"], b["logits"]))
+    assert estimate(model_shape(LLAMA2_70B, settings["lora"]), settings, 8)["device_peak_phase"] == "layer_working_set"
+
+    def narrow(intermediate):
+        config = LlamaConfig(vocab_size=1_000_000, hidden_size=256, intermediate_size=intermediate,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+        return estimate(model_shape(config, settings["lora"]), settings, 8)
+
+    small, wide = narrow(512), narrow(1024)
+    assert small["device_peak_phase"] == wide["device_peak_phase"] == "logits"
+    working_set_growth = wide["device_breakdown_gib"]["layer_working_set"] - small["device_breakdown_gib"]["layer_working_set"]
+    assert working_set_growth > 0.1
+    assert 0 < wide["device_allocated_gib"] - small["device_allocated_gib"] < 0.1 * working_set_growth
 
 
 def test_offload_moves_weights_and_optimizer_state_to_cpu():
