@@ -13,7 +13,8 @@ import pytest
 from huggingface_hub import ModelCard
 
 from shardtune import config as stconfig
-from shardtune.publish import every_save, hub, model_card
+from shardtune.errors import UserError
+from shardtune.publish import client, every_save, hub, model_card
 
 from fake_hub import FakeHub
 
@@ -96,7 +97,7 @@ def publish(settings, run_dir, log=None, **kwargs):
 def one_line_error(excinfo, kind):
     err = excinfo.value
     assert type(err) is kind, (type(err), err)
-    assert isinstance(err, hub.UserError)
+    assert isinstance(err, UserError)
     message = str(err)
     assert "\n" not in message and TOKEN not in message and BAD_TOKEN not in message
     return message
@@ -189,7 +190,7 @@ def test_persistent_server_error_gives_up_with_one_line(server, run_dir):
     server.fail("POST", r"^/api/repos/create$", 503, times=100)
     with pytest.raises(hub.HubError) as excinfo:
         publish(settings_for(server.url), run_dir)
-    message = one_line_error(excinfo, hub.HubServerError)
+    message = one_line_error(excinfo, client.HubServerError)
     assert "HTTP 503" in message and server.url in message and "3 attempts" in message
     assert len(server.calls("POST", r"^/api/repos/create$")) == 3
     assert not (run_dir / "hub/upload.json").exists()
@@ -199,7 +200,7 @@ def test_rejected_token_is_a_one_line_error_and_not_retried(server, run_dir, mon
     monkeypatch.setenv("HF_TOKEN", BAD_TOKEN)
     with pytest.raises(hub.HubError) as excinfo:
         publish(settings_for(server.url), run_dir)
-    message = one_line_error(excinfo, hub.HubAuthError)
+    message = one_line_error(excinfo, client.HubAuthError)
     assert "rejected the token" in message and "401" in message and "HF_TOKEN" in message
     assert len(server.requests) == 1  # not retried
     assert REPO not in server.repos and not (run_dir / "hub/upload.json").exists()
@@ -210,7 +211,7 @@ def test_token_without_write_access_is_refused(server, run_dir, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", BAD_TOKEN + "read")
     with pytest.raises(hub.HubError) as excinfo:
         publish(settings_for(server.url), run_dir)
-    message = one_line_error(excinfo, hub.HubAuthError)
+    message = one_line_error(excinfo, client.HubAuthError)
     assert "403" in message and "write access" in message
     assert server.repos[REPO].commits == []
 
@@ -219,7 +220,7 @@ def test_missing_token_fails_before_any_request(server, run_dir, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(hub.HubError) as excinfo:
         publish(settings_for(server.url), run_dir)
-    message = one_line_error(excinfo, hub.HubAuthError)
+    message = one_line_error(excinfo, client.HubAuthError)
     assert "HF_TOKEN" in message and "hf auth login" in message
     assert server.requests == []
 
@@ -243,7 +244,7 @@ def test_unreachable_endpoint_is_a_one_line_error(run_dir):
     start = time.monotonic()
     with pytest.raises(hub.HubError) as excinfo:
         publish(settings_for(f"http://127.0.0.1:{port}"), run_dir)
-    message = one_line_error(excinfo, hub.HubUnreachableError)
+    message = one_line_error(excinfo, client.HubUnreachableError)
     assert f"cannot reach the hub at http://127.0.0.1:{port}" in message
     assert time.monotonic() - start < 20
 
@@ -392,9 +393,9 @@ def test_wrapped_network_errors_are_recognised():
         except httpx2.ConnectError as inner:
             raise RuntimeError("Error while uploading 'model.safetensors' to the Hub.") from inner
     except RuntimeError as err:
-        error, retry = hub.classify(err, "http://127.0.0.1:9", REPO)
-    assert isinstance(error, hub.HubUnreachableError) and retry
-    assert hub.classify(KeyError("x"), "http://127.0.0.1:9", REPO) == (None, False)
+        error, retry = client.classify(err, "http://127.0.0.1:9", REPO)
+    assert isinstance(error, client.HubUnreachableError) and retry
+    assert client.classify(KeyError("x"), "http://127.0.0.1:9", REPO) == (None, False)
 
 
 def test_endpoint_from_config_then_environment(monkeypatch):
@@ -455,7 +456,7 @@ def test_every_save_pushes_each_checkpoint_as_an_adapter(server, train_dir, tmp_
 def test_every_save_checks_token_before_training_and_survives_a_failed_push(server, train_dir, monkeypatch):
     settings = settings_for(server.url, hub={"strategy": "every_save", "retries": 0})
     monkeypatch.delenv("HF_TOKEN")
-    with pytest.raises(hub.HubAuthError):
+    with pytest.raises(client.HubAuthError):
         every_save.CheckpointPusher(settings, train_dir).start()
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     log = []

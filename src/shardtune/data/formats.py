@@ -10,9 +10,7 @@ from shardtune.inputs.sources import ROW_COLUMN
 
 ROLES = ("system", "user", "assistant")
 
-
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
 
 FORMAT_FIELDS = {
     "messages": ("messages",),

@@ -14,12 +14,9 @@ from shardtune.inputs.sources import model_path
 
 IGNORE_INDEX = -100
 
-
 RENDER_BATCH = 1000
 
-
 TOKENIZE_CHUNK = 1024  # rows per encode_batch call: enough for the Rust threads, bounded memory
-
 
 TEMPLATE_ERROR = "chat template error"
 

@@ -12,9 +12,7 @@ from shardtune.inputs.sources import ROW_COLUMN
 
 WORKER_MIN_ROWS = 1000  # a worker process for fewer rows than this is not worth its start
 
-
 TASKS_PER_WORKER = 8  # shares per worker: less time with one worker idle at the end
-
 
 _JOB = None  # what the worker processes read: set before they are forked, inherited by them
 

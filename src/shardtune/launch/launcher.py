@@ -39,7 +39,6 @@ from shardtune.plan.attention import attention_implementation
 # Set where a job's GPUs are fake (a test cluster's gres without devices): train on CPU ranks.
 ALLOW_CPU_ENV = "SHARDTUNE_ALLOW_CPU_TRAINING"
 
-
 DEFAULT_PORT = 29500
 
 
@@ -228,9 +227,7 @@ def job_command(args, env, log):
 # traceback ("ValueError: ...", "torch.OutOfMemoryError: ...").
 _RANK_PREFIX = re.compile(r"^\[[^\]]*\]:\s?")
 
-
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit)\b.*$")
-
 
 _LAUNCHER_ERRORS = ("ChildFailedError", "CalledProcessError", "SignalException")
 

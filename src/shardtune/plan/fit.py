@@ -6,9 +6,7 @@ tolerance unless memory.force, warned within it, and the report printed in the l
 # 70B LoRA run is estimated at 85.4 GiB for 80 GB cards): warn up to this margin, refuse beyond.
 ESTIMATE_TOLERANCE = 0.15
 
-
 TRAINING_ADVICE = "lower the batch size, enable gradient_checkpointing or fsdp.offload_params, add devices"
-
 
 # transformers 5 quantizes onto each rank's GPU (no device_map), so more GPUs do not help here
 LOADING_ADVICE = (

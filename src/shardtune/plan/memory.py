@@ -37,9 +37,7 @@ import torch
 
 GIB = 1024**3
 
-
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}
-
 
 # PyTorch's CUDA caching allocator, reserved over allocated. What lives for the whole run (the
 # sharded base weights, QLoRA's constants, the adapters' states) is allocated once, before any
@@ -51,9 +49,7 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}
 # single factor on the whole allocation fits (BENCHMARKS.md, "Memory estimator accuracy").
 CUDA_TRANSIENT_RESERVE = 1.5
 
-
 CONTEXT_GIB = 1.0  # CUDA context, NCCL buffers, cuBLAS workspace, kernels: on each GPU
-
 
 # A CPU rank's resident memory over its live memory, by the C allocator it runs with
 # (training.allocator), measured on the small model (BENCHMARKS.md, "Memory estimator
@@ -65,15 +61,11 @@ CONTEXT_GIB = 1.0  # CUDA context, NCCL buffers, cuBLAS workspace, kernels: on e
 # its factor holds from batch 1 to 32 on the tiny, small and deep models (-6% to +12%).
 CPU_ALLOCATOR_RETENTION = {"system": 1.65, "jemalloc": 1.0, "tcmalloc": 1.3}
 
-
 CPU_RANK_LIBRARIES_GIB = 0.55  # interpreter, torch, transformers, datasets of one CPU rank (measured)
-
 
 GPU_RANK_HOST_GIB = 2.0  # host memory of one GPU rank: CUDA runtime, cuBLAS/cuDNN/NCCL, interpreter
 
-
 TILE_TOKENS, TILE_VOCAB = 4096, 32768  # TRL's fused LM head: logits tile of tokens x vocabulary
-
 
 # device terms allocated once for the whole run (the rest is allocated and freed every step)
 PERSISTENT_TERMS = ("base_weights", "quant_state", "lora_states")

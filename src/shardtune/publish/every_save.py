@@ -9,20 +9,16 @@ from pathlib import Path
 
 from shardtune.export.convert import adapter_state
 from shardtune.publish import model_card
-from shardtune.publish.hub import (
+from shardtune.publish.client import (
     HubError,
-    adapter_items,
-    bytes_item,
-    commit_items,
-    ensure_repo,
     hub_api,
-    namespaced,
     resolve_endpoint,
     resolve_token,
     scrub,
     shown_endpoint,
     with_retries,
 )
+from shardtune.publish.hub import adapter_items, bytes_item, commit_items, ensure_repo, namespaced
 
 
 def checkpoint_adapter(checkpoint, adapter_config, out_dir):
