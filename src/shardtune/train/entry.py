@@ -154,11 +154,24 @@ def peak_memory_gib():
     """This process's peaks: the GPU's reserved memory (the resident set on CPU), and the GPU
     memory tensors took (None on CPU); the ratio is the caching allocator's reserve, which the
     pre-flight estimate can only assume (shardtune.plan.memory.CUDA_TRANSIENT_RESERVE)."""
-    import resource
-
     if torch.cuda.is_available():
         return torch.cuda.max_memory_reserved() / 2**30, torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, None  # KiB on Linux
+    return resident_peak_gib(), None
+
+
+def resident_peak_gib():
+    """This process's peak resident set. VmHWM where /proc has it: getrusage's ru_maxrss survives
+    exec, so a rank would report its launcher's resident set at fork if that was larger."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def probe_batch(test):
