@@ -289,9 +289,9 @@ def hub_error(err):
         return "no such repo, or it is private and no token with access was given (HF_TOKEN)"
     if isinstance(err, errors.RevisionNotFoundError):
         return "no such revision"
-    if isinstance(err, errors.HfHubHTTPError):  # an answer from the server: say what it was
-        pass
-    elif isinstance(err, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, OSError)):
+    # HfHubHTTPError is an OSError too, but it is the server's answer: say what it was, below
+    unreachable = (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, OSError)
+    if isinstance(err, unreachable) and not isinstance(err, errors.HfHubHTTPError):
         return "the Hub cannot be reached and the files are not in the local cache (offline?)"
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
