@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoTokenizer
@@ -127,9 +127,34 @@ def checkpoint_logits(model_dir, settings, lora_config, state, probe, vocab_size
     return _logits(model, probe)
 
 
-def reloaded_logits(model_dir, adapter_dir, settings, probe, vocab_size):
+def reloaded(model_dir, adapter_dir, settings, vocab_size):
     base = load_base_model(model_dir, settings, vocab_size)
-    return _logits(PeftModel.from_pretrained(base, adapter_dir).eval(), probe)
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+def missing_adapter_tensors(model, state):
+    """Adapter tensors the PEFT model has that the checkpoint lacks (an adapter saved from
+    wrongly named modules is empty, and loading it only warns)."""
+    expected = get_peft_model_state_dict(model, save_embedding_layers=False)
+    return sorted(set(expected) - set(state))
+
+
+def compare_logits(model, probe, mixed_precision):
+    """(max abs difference to the probe, tolerance, rounding noise or None).
+
+    Under half-precision training the probe was computed under autocast: the reload is
+    compared in the same precision, and the tolerance is measured, not assumed: 3x this
+    model's own rounding noise on the probe (autocast against fp32 logits), which bounds two
+    half-precision computations of the same function (the training's ranks and this
+    process) while the adapter's effect is far larger. In fp32 the reload must match to 1e-5."""
+    fp32 = _logits(model, probe)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if half is None:
+        return float((fp32 - probe["logits"]).abs().max()), None, None
+    with torch.autocast("cpu", dtype=half):
+        rounded = _logits(model, probe)
+    noise = float((rounded - fp32).abs().max())
+    return float((rounded - probe["logits"]).abs().max()), max(3 * noise, TOLERANCE["no"]), noise
 
 
 def convert(train_done, model_dir, data_dir, settings, out_dir, log=print):
@@ -153,17 +178,27 @@ def convert(train_done, model_dir, data_dir, settings, out_dir, log=print):
         write_json(tmp / "adapter_config.json", config)
         tokenizer.save_pretrained(tmp)
 
-        logits = reloaded_logits(model_dir, tmp, settings, probe, len(tokenizer))
+        model = reloaded(model_dir, tmp, settings, len(tokenizer))
+        missing = missing_adapter_tensors(model, state)
+        if missing:
+            raise ConversionError(
+                f"{checkpoint} lacks {len(missing)} of the adapter's tensors (e.g. {missing[0]}): "
+                "the training saved an incomplete adapter"
+            )
+        noise = None
         if step == done["global_step"]:
             # The probe holds the trained model's own logits at the end of training.
-            reference, against = probe["logits"], "the trained model (probe logits written by training)"
-            tolerance = tolerance_of(done["mixed_precision"], settings)
+            against = "the trained model (probe logits written by training)"
+            diff, tolerance, noise = compare_logits(model, probe, done["mixed_precision"])
+            tolerance = tolerance or tolerance_of(done["mixed_precision"], settings)
         else:
             lora = LoraConfig.from_pretrained(train_dir / "adapter_config")
             reference = checkpoint_logits(model_dir, settings, lora, state, probe, len(tokenizer))
             against, tolerance = f"checkpoint {step} restored as for resuming", TOLERANCE["no"]
-        diff = float((logits - reference).abs().max())
-        log(f"max abs logit difference vs {against}: {diff:.3g} (tolerance {tolerance:g})")
+            diff = float((_logits(model, probe) - reference).abs().max())
+        del model
+        rounding = f", {done['mixed_precision']} rounding noise {noise:.3g}" if noise is not None else ""
+        log(f"max abs logit difference vs {against}: {diff:.3g} (tolerance {tolerance:g}{rounding})")
         if not diff <= tolerance:
             raise ConversionError(
                 f"the converted adapter does not reproduce {against}: max abs logit diff {diff:.3g} > {tolerance:g}"
@@ -182,5 +217,6 @@ def convert(train_done, model_dir, data_dir, settings, out_dir, log=print):
                 "verified_against": against,
                 "max_abs_logit_diff": diff,
                 "tolerance": tolerance,
+                "rounding_noise": noise,  # half-precision training: what the tolerance is measured from
             },
         )

@@ -32,6 +32,9 @@ def keep_fsdp_on_cpu():
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = plugin
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            # MULTI_CPU sets the device to `cpu:0`; FSDP1 compares the `device_id` Accelerate
+            # passes with the current device (`cpu`) and refuses the mismatch.
+            self.device = PartialState._shared_state["device"] = torch.device("cpu")
 
     setattr(__init__, _PATCHED, True)
     AcceleratorState.__init__ = __init__

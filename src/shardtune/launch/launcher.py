@@ -120,6 +120,8 @@ def node_config(base, fsdp, nodes, declared_gpus, cuda_gpus, env):
 
     config = dict(base)
     config.update(num_processes=num_processes, num_machines=nodes, use_cpu=gpus == 0)
+    if not gpus:
+        config["fsdp_config"], _ = cpu_substitutes(config["fsdp_config"])
     if nodes > 1:
         rank, node = int(env["SLURM_PROCID"]), int(env.get("SLURM_NODEID", env["SLURM_PROCID"]))
         if rank != node:
@@ -133,6 +135,21 @@ def node_config(base, fsdp, nodes, declared_gpus, cuda_gpus, env):
     else:
         config.update(machine_rank=0, main_process_port=fsdp["main_process_port"] or free_port())
     return config
+
+
+def cpu_substitutes(fsdp_config):
+    """The FSDP settings that only GPUs can run, replaced for CPU ranks: (new fsdp_config,
+    one line per replaced setting saying what the CPU run does instead)."""
+    fsdp_config, notes = dict(fsdp_config), []
+    if fsdp_config.get("fsdp_version", 1) == 1 and fsdp_config.get("fsdp_sync_module_states"):
+        # torch's FSDP1 broadcasts module states from GPU tensors only, and Accelerate turns
+        # sync_module_states back on whenever cpu_ram_efficient_loading is on
+        fsdp_config.update(fsdp_sync_module_states=False, fsdp_cpu_ram_efficient_loading=False)
+        notes.append(
+            "fsdp_sync_module_states and fsdp_cpu_ram_efficient_loading off on CPU ranks (FSDP1 broadcasts"
+            " module states from GPU memory only): every rank loads the whole model instead"
+        )
+    return fsdp_config, notes
 
 
 def srun_command(nodes, cpus_per_task, argv):
@@ -195,6 +212,9 @@ def node_command(args, env, log):
     log(describe_node(env, cuda_gpus))
     base = yaml.safe_load(open(args.config_file))
     config = node_config(base, args.settings["fsdp"], args.nodes, args.gpus_per_node, cuda_gpus, env)
+    if config["use_cpu"]:
+        for note in cpu_substitutes(base["fsdp_config"])[1]:
+            log(note, console_too=True)
     fd, path = tempfile.mkstemp(prefix=f"accelerate-{env.get('SLURM_JOB_ID', 'local')}-", suffix=".yaml")
     with os.fdopen(fd, "w") as handle:
         yaml.safe_dump(config, handle, sort_keys=False)

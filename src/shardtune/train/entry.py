@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 from shardtune.launch.cpu_fsdp import keep_fsdp_on_cpu
+from shardtune.train.peft_fsdp1 import clean_adapter_prefixes
 
 keep_fsdp_on_cpu()  # before anything creates Accelerate's state
+clean_adapter_prefixes()  # else FSDP1 checkpoints hold an empty adapter
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
