@@ -120,7 +120,7 @@ def node_config(base, fsdp, nodes, declared_gpus, cuda_gpus, env):
 
     config = dict(base)
     config.update(num_processes=num_processes, num_machines=nodes, use_cpu=gpus == 0)
-    if not gpus:
+    if not gpus and "fsdp_config" in config:
         config["fsdp_config"], _ = cpu_substitutes(config["fsdp_config"])
     if nodes > 1:
         rank, node = int(env["SLURM_PROCID"]), int(env.get("SLURM_NODEID", env["SLURM_PROCID"]))
@@ -213,7 +213,7 @@ def node_command(args, env, log):
     base = yaml.safe_load(open(args.config_file))
     config = node_config(base, args.settings["fsdp"], args.nodes, args.gpus_per_node, cuda_gpus, env)
     if config["use_cpu"]:
-        for note in cpu_substitutes(base["fsdp_config"])[1]:
+        for note in cpu_substitutes(base.get("fsdp_config", {}))[1]:
             log(note, console_too=True)
     fd, path = tempfile.mkstemp(prefix=f"accelerate-{env.get('SLURM_JOB_ID', 'local')}-", suffix=".yaml")
     with os.fdopen(fd, "w") as handle:
