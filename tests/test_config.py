@@ -67,6 +67,12 @@ def test_a_bad_value_is_rejected_naming_its_key(config, key):
         ({"fsdp": {"num_machines": 2, "main_process_ip": "10.0.0.1", "machine_rank": 2}}, "fsdp.machine_rank", "below"),
         ({"fsdp": {"num_machines": 2}}, "fsdp.main_process_ip", "address"),
         ({"training": {"eval_strategy": "steps"}}, "training.eval_steps", "eval_steps"),
+        ({"fsdp": {"sharding_strategy": "HYBRID_SHARD"}}, "fsdp.sharding_strategy", "fsdp.version: 1"),
+        (
+            {"fsdp": {"activation_checkpointing": True}, "training": {"gradient_checkpointing": True}},
+            "fsdp.activation_checkpointing",
+            "gradient_checkpointing: false",
+        ),
     ],
 )
 def test_combinations_that_cannot_work_are_rejected_with_what_to_change(config, key, hint):

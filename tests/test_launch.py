@@ -64,6 +64,15 @@ def test_several_nodes_ask_gpus_per_node_as_gres_and_one_task_per_node():
     assert (r["nodes"], r["mpi"], r["tasks"], r["tasks_per_gpu"]) == (2, "srun", 2, 0)
 
 
+def test_a_gpu_job_asks_cpus_and_memory_per_gpu_unless_given():
+    r = cluster.job_resources(resources(gpu=8), threads=2)
+    assert (r["cpus_per_task"], r["mem_mb"]) == (8 * 8, 8 * 64000)
+    r = cluster.job_resources(resources(nodes=2, gres="gpu:h100:4", cpus_per_gpu=12, mem_mb_per_gpu=100000), threads=2)
+    assert (r["cpus_per_task"], r["mem_mb"]) == (48, 400000)  # per node
+    r = cluster.job_resources(resources(gpu=8, cpus_per_task=32, mem_mb=250000), threads=2)
+    assert (r["cpus_per_task"], r["mem_mb"]) == (32, 250000)
+
+
 def test_explicit_gres_is_passed_as_is():
     r = cluster.job_resources(resources(gres="gpu:a100:4"), threads=2)
     assert (r["gres"], r["gpu"], r["gpus_per_node"]) == ("gpu:a100:4", None, 4)
@@ -75,6 +84,8 @@ def test_explicit_gres_is_passed_as_is():
         ({"gpu": 2, "gres": "gpu:2"}, {}, "gpu"),
         ({"gpu_model": "h100"}, {}, "gpu_model"),
         ({"nodes": 2}, {"num_machines": 3, "main_process_ip": "x"}, "nodes"),
+        ({"gpu": 4}, {"num_processes": 8}, "gpu"),
+        ({"nodes": 2, "gres": "gpu:2"}, {"num_processes": 8, "num_machines": 2, "main_process_ip": "x"}, "gpu"),
     ],
 )
 def test_impossible_resources_are_refused_naming_the_key(res, fsdp_settings, key):
@@ -330,3 +341,23 @@ def test_a_cancelled_job_passes_the_signal_to_the_launch(tmp_path):
         time.sleep(0.1)
     job.send_signal(signal.SIGTERM)
     assert job.wait(timeout=30) == 3 and marker.exists()
+
+
+def test_cpu_ranks_replace_only_the_gpu_only_fsdp_settings_and_say_so():
+    preset = {
+        "fsdp_sync_module_states": True,
+        "fsdp_cpu_ram_efficient_loading": True,
+        "fsdp_offload_params": True,
+        "fsdp_sharding_strategy": "FULL_SHARD",
+        "fsdp_use_orig_params": False,
+    }
+    replaced, notes = launch.cpu_substitutes(preset)
+    off = {"fsdp_sync_module_states": False, "fsdp_cpu_ram_efficient_loading": False, "fsdp_offload_params": False}
+    assert replaced == {**preset, **off}
+    assert len(notes) == 2 and "every rank loads the whole model" in notes[0] and "page-locked" in notes[1]
+    fsdp2 = {"fsdp_version": 2, "fsdp_cpu_ram_efficient_loading": True, "fsdp_offload_params": True}
+    assert launch.cpu_substitutes(fsdp2)[0] == {**fsdp2, "fsdp_offload_params": False}  # FSDP2 broadcasts on CPU
+    # on GPUs the run's own settings stay
+    base = {**BASE, "fsdp_config": preset}
+    assert launch.node_config(base, fsdp(), 1, 2, 2, {})["fsdp_config"] == preset
+    assert launch.node_config(base, fsdp(), 1, 0, 0, {})["fsdp_config"] == {**preset, **off}

@@ -177,7 +177,7 @@ def test_cpu_ranks_count_their_libraries_not_a_cuda_context(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    settings = preset("llama2-70b-lora-fsdp", model={"attn_implementation": "sdpa"})
+    settings = preset("llama2-70b-lora-fsdp", model={"attn_implementation": "sdpa"}, resources={"fsdp_train": {"gpu": 0}})
     shape = model_shape(LLAMA2_70B, settings["lora"])
     report = estimate(shape, settings, 8)
     assert not report["on_cuda"]

@@ -153,3 +153,32 @@ def test_the_csv_log_comes_from_the_trainers_log_history(tmp_path):
     ]
     assert [r["tokens_per_second"] for r in rows] == ["2000.0", "4000.0", "", "", "2000.0"]
     assert [p.name for p in tmp_path.iterdir()] == ["log.csv"]
+
+
+@pytest.mark.parametrize("strategy, saved", [("epoch", [4, 8]), ("no", [8]), ("steps", [3, 6, 8])])
+def test_each_checkpoint_is_written_once_and_the_last_step_always(tmp_path, strategy, saved):
+    """A real Trainer on a tiny model: with epoch saving the last step ends an epoch, and it
+    must not be written a second time into a checkpoint already marked complete."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from shardtune.train.checkpoints import MARKER, MarkCompleteCheckpoints, SaveAtEnd
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    rows = [{"input_ids": torch.arange(8) % 32, "labels": torch.arange(8) % 32} for _ in range(8)]
+    args = TrainingArguments(
+        tmp_path, per_device_train_batch_size=2, num_train_epochs=2, save_strategy=strategy, save_steps=3,
+        report_to=[], use_cpu=True, logging_strategy="no", disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[MarkCompleteCheckpoints(), SaveAtEnd()])
+    written, save = [], trainer._save_checkpoint
+
+    def recording(*a, **k):
+        path = tmp_path / f"checkpoint-{trainer.state.global_step}"
+        assert not (path / MARKER).exists(), f"{path.name} written again after it was marked complete"
+        written.append(trainer.state.global_step)
+        return save(*a, **k)
+
+    trainer._save_checkpoint = recording
+    trainer.train()
+    assert written == saved

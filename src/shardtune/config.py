@@ -132,6 +132,17 @@ def check_combinations(s, prefix="run"):
         fail("quantization.load_in_8bit", "8-bit quantization cannot be sharded by FSDP; use load_in_4bit (QLoRA)")
     if f["version"] == 2 and f["sharding_strategy"] == "NO_SHARD":
         fail("fsdp.sharding_strategy", "FSDP2 cannot leave parameters unsharded; use FULL_SHARD or SHARD_GRAD_OP")
+    if f["version"] == 2 and f["sharding_strategy"] == "HYBRID_SHARD":
+        # Accelerate's FSDP2 plugin reads only reshard_after_forward: HYBRID_SHARD would
+        # silently become FULL_SHARD across every node
+        fail("fsdp.sharding_strategy", "HYBRID_SHARD needs fsdp.version: 1 (FSDP2 would shard across all nodes instead)")
+    if f["activation_checkpointing"] and t["gradient_checkpointing"] is True:  # auto resolves to false
+        # transformers refuses gradient checkpointing on a model whose layers FSDP already
+        # checkpoints, after the model has loaded
+        fail(
+            "fsdp.activation_checkpointing",
+            "checkpoints the same activations as training.gradient_checkpointing; set training.gradient_checkpointing: false to use it",
+        )
     if f["version"] == 2 and f["forward_prefetch"]:
         fail("fsdp.forward_prefetch", "FSDP2 has no forward prefetch option; set it false or use fsdp.version: 1")
     if q["load_in_4bit"]:

@@ -12,5 +12,6 @@ rule write_accelerate_config:
         "../../envs/train.yaml"
     params:
         settings=settings_of("fsdp"),
+        gpus_planned=planned_gpus,
     script:
         "../scripts/write_accelerate_config.py"

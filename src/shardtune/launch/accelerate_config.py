@@ -11,6 +11,12 @@ def resolve_num_processes(fsdp, gpus):
     return max(gpus, 1) * fsdp["num_machines"] if gpus else 2 * fsdp["num_machines"]
 
 
+def visible_gpus():
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def build(settings, gpus):
     """The config as a dict; with the recipe's settings it reproduces the recipe's YAML."""
     f = settings["fsdp"]
@@ -32,7 +38,7 @@ def build(settings, gpus):
         fsdp |= {
             "fsdp_version": 2,
             # FSDP2 expresses FULL_SHARD / SHARD_GRAD_OP as resharding after forward or not.
-            "fsdp_reshard_after_forward": f["sharding_strategy"] in ("FULL_SHARD", "HYBRID_SHARD"),
+            "fsdp_reshard_after_forward": f["sharding_strategy"] == "FULL_SHARD",
         }
     if f["activation_checkpointing"]:
         fsdp["fsdp_activation_checkpointing"] = True

@@ -149,6 +149,13 @@ def cpu_substitutes(fsdp_config):
             "fsdp_sync_module_states and fsdp_cpu_ram_efficient_loading off on CPU ranks (FSDP1 broadcasts"
             " module states from GPU memory only): every rank loads the whole model instead"
         )
+    if fsdp_config.get("fsdp_offload_params"):
+        # both FSDP versions pin offloaded shards in page-locked memory, which needs a GPU
+        fsdp_config["fsdp_offload_params"] = False
+        notes.append(
+            "fsdp_offload_params off on CPU ranks (FSDP pins offloaded shards in page-locked memory,"
+            " which needs a GPU): CPU ranks keep their shards in host memory anyway"
+        )
     return fsdp_config, notes
 
 

@@ -4,6 +4,9 @@ Snakemake resources the SLURM executor plugin reads."""
 from shardtune.errors import UserError
 
 
+CPU_JOB_MEM_MB = 16000  # a CPU-only training job's memory when resources.*.mem_mb is null
+
+
 class LaunchError(UserError):
     """The allocation does not match what the run asked for."""
 
@@ -31,6 +34,9 @@ def check_resources(res, fsdp, prefix):
     if fsdp["num_machines"] not in (1, res["nodes"]):
         fail("nodes", f"must equal fsdp.num_machines ({fsdp['num_machines']}): the job starts one machine per node")
 
+    gpus = gpus_per_node(res)
+    if gpus and fsdp["num_processes"] != "auto" and fsdp["num_processes"] > gpus * res["nodes"]:
+        fail("gpu", f"{gpus} GPU(s) per node on {res['nodes']} node(s) cannot run fsdp.num_processes={fsdp['num_processes']}")
     if res["gres"] and gres_gpus(res["gres"]) and res["gpu"]:
         fail("gpu", "give the GPUs either as gpu (with gpu_model) or inside gres, not both")
     if res["gpu_model"] and not res["gpu"]:
@@ -51,14 +57,15 @@ def job_resources(res, threads):
     if nodes > 1 and gpus and not gres:
         gres = ":".join(["gpu", *([res["gpu_model"]] if res["gpu_model"] else []), str(gpus)])
     one_node = nodes == 1 and not gres
+    per_node = gpus_per_node({**res, "gres": gres})
     return {
         "nodes": nodes,
-        "gpus_per_node": gpus_per_node({**res, "gres": gres}),
+        "gpus_per_node": per_node,
         "gpu": gpus if one_node and gpus else None,
         "gpu_model": res["gpu_model"] if one_node else None,
         "gres": gres,
-        "cpus_per_task": res["cpus_per_task"] or threads,
-        "mem_mb": res["mem_mb"],
+        "cpus_per_task": res["cpus_per_task"] or (res["cpus_per_gpu"] * per_node if per_node else threads),
+        "mem_mb": res["mem_mb"] or (res["mem_mb_per_gpu"] * per_node if per_node else CPU_JOB_MEM_MB),
         "runtime": res["runtime"],
         "slurm_partition": res["partition"],
         "slurm_account": res["account"],

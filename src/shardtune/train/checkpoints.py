@@ -52,9 +52,29 @@ class MarkCompleteCheckpoints(TrainerCallback):
 
 
 class SaveAtEnd(TrainerCallback):
-    """Always checkpoint the last step, so the final state is never only in memory."""
+    """Checkpoint the last step, exactly once: the Trainer saves it itself with save_strategy
+    steps (at max_steps) and epoch (the last step ends an epoch); with `no` and `best` this
+    forces it. A step is never saved twice: with epoch saving, a forced step-end save and the
+    epoch's would both write checkpoint-N, the second into a directory already marked
+    complete. The decision uses what this rank saw, never the file system, so that every rank
+    takes it alike (a save is collective)."""
+
+    def __init__(self):
+        self.saved_step = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps:
+        if state.global_step >= state.max_steps and args.save_strategy not in ("steps", "epoch"):
             control.should_save = True
+        return self._once(state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        return self._once(state, control)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saved_step = state.global_step
+        return control
+
+    def _once(self, state, control):
+        if control.should_save and state.global_step == self.saved_step:
+            control.should_save = False
         return control
