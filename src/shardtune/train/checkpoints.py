@@ -37,6 +37,25 @@ def remove_incomplete(train_dir, log=print):
             shutil.rmtree(path)
 
 
+def restore_fsdp1_optimizer(load):
+    """Wrap Trainer._load_optimizer_and_scheduler: Accelerate reads an FSDP1 sharded optimizer
+    checkpoint into a template built from the optimizer's current state, which a fresh
+    optimizer does not have yet, so it loads nothing and the resumed run goes on with zero
+    Adam moments (FSDP2's loader creates the state first; this does the same for FSDP1, with
+    torch's own zero-gradient, zero-learning-rate step, which changes no parameter)."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    def wrapped(trainer, checkpoint):
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside Accelerate's wrapper
+        if checkpoint is not None and trainer.is_fsdp_enabled and trainer.accelerator.state.fsdp_plugin.fsdp_version == 1:
+            _init_optim_state(optimizer)
+        load(trainer, checkpoint)
+        if checkpoint is not None and not optimizer.state:
+            raise RuntimeError(f"resuming from {checkpoint} restored no optimizer state")
+
+    return wrapped
+
+
 class MarkCompleteCheckpoints(TrainerCallback):
     """After a save, wait for every rank, then mark the checkpoint complete (main process)."""
 

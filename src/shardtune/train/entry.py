@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 from shardtune.launch.cpu_fsdp import keep_fsdp_on_cpu
-from shardtune.train.peft_fsdp1 import clean_adapter_prefixes
+from shardtune.train.peft_fsdp1 import fix_peft_under_fsdp1
 
 keep_fsdp_on_cpu()  # before anything creates Accelerate's state
-clean_adapter_prefixes()  # else FSDP1 checkpoints hold an empty adapter
+fix_peft_under_fsdp1()  # else FSDP1 checkpoints save and resume an empty adapter
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
@@ -37,8 +37,15 @@ from shardtune.plan.autobatch import apply_resolved, describe  # noqa: E402
 from shardtune.plan.fit import check_fits, format_report, over_budget_warnings  # noqa: E402
 from shardtune.publish.every_save import every_save_callback  # noqa: E402
 from shardtune.report.runinfo import versions  # noqa: E402
-from shardtune.train.checkpoints import MarkCompleteCheckpoints, SaveAtEnd, latest_complete, remove_incomplete  # noqa: E402
+from shardtune.train.checkpoints import (  # noqa: E402
+    MarkCompleteCheckpoints,
+    SaveAtEnd,
+    latest_complete,
+    remove_incomplete,
+    restore_fsdp1_optimizer,
+)
 from shardtune.train.collate import PackedRowsCollator, flattens_batches  # noqa: E402
+from shardtune.train.fsdp_report import effective_fsdp  # noqa: E402
 
 
 def lora_config(lora):
@@ -184,6 +191,10 @@ def probe_batch(test):
     return ids, positions
 
 
+class Trainer(SFTTrainer):
+    _load_optimizer_and_scheduler = restore_fsdp1_optimizer(SFTTrainer._load_optimizer_and_scheduler)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--settings", required=True, help="resolved run settings (JSON file)")
@@ -244,7 +255,7 @@ def main(argv=None):
         if is_main:
             push.pusher.start()  # token, repo and privacy are checked before training
         callbacks.append(push)  # after MarkCompleteCheckpoints: pushes complete checkpoints only
-    trainer = SFTTrainer(
+    trainer = Trainer(
         model=model,
         args=config,
         train_dataset=data["train"],
@@ -264,6 +275,11 @@ def main(argv=None):
     resume = latest_complete(out)
     log(f"resuming from {resume}" if resume else "starting from step 0")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    ran = effective_fsdp(trainer.accelerator, trainer.model_wrapped)
+    ran["gradient_checkpointing"] = bool(getattr(trainer.model, "is_gradient_checkpointing", False)) and (
+        trainer.args.gradient_checkpointing_kwargs or {}
+    )
+    log(f"FSDP as it ran: {json.dumps(ran)}")
 
     # Logits of the trained model on a fixed input, to prove the converted adapter later.
     ids, positions = probe_batch(data["test"])
@@ -300,7 +316,8 @@ def main(argv=None):
                 "peak_allocated_gib_per_rank": [allocated for _, allocated in peaks],  # GPU only
                 "versions": versions(),
                 "fingerprint": stamp,
-                "resolved": report.get("resolved"),  # the batch settings used, `auto` ones resolved
+                "resolved": report.get("resolved"),
+                "fsdp": ran,  # read back from Accelerate and the wrapped model  # the batch settings used, `auto` ones resolved
             },
         )
     state.wait_for_everyone()
