@@ -4,6 +4,7 @@ added tokens, modules_to_save, the best and an earlier checkpoint run in test_sw
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from shardtune.export.convert import ConversionError, pad_tokenizer, select_checkpoint
@@ -75,3 +76,34 @@ def test_adapter_dir_is_complete_and_records_its_checkpoint(demo_run):
     prepared = AutoTokenizer.from_pretrained(next((demo_run / "resources/prepared").glob("*/tokenizer")))
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     assert tokenizer.get_vocab() == prepared.get_vocab() and tokenizer.chat_template == prepared.chat_template
+
+
+def test_a_bf16_runs_adapter_passes_its_proof_and_a_slightly_wrong_one_fails():
+    """bf16 training computed the probe under autocast: the reload is compared in bf16 with a
+    tolerance from the model's own rounding noise, so the right adapter passes however long
+    the run, and an adapter 5% off (an earlier checkpoint's, a mixed-up rank) still fails."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shardtune.export.convert import compare_logits
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, target_modules="all-linear")).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)  # a trained adapter
+    ids = torch.randint(0, 128, (2, 24))
+    probe = {"input_ids": ids, "position_ids": torch.arange(24).repeat(2, 1)}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        probe["logits"] = model(input_ids=ids, position_ids=probe["position_ids"]).logits.float()
+    diff, tolerance, noise = compare_logits(model, probe, "bf16")
+    assert diff <= tolerance and noise > 0 and tolerance == pytest.approx(3 * noise)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.95)
+    wrong, _, _ = compare_logits(model, probe, "bf16")
+    assert wrong > tolerance, (wrong, tolerance)
+    # in fp32 the old fixed bf16 tolerance (0.05) let this wrong adapter through
+    assert compare_logits(model, probe, "no")[0] < 0.05
