@@ -41,6 +41,14 @@ def test_more_processes_than_gpus_is_refused(tmp_path):
     assert not (tmp_path / "a.yaml").exists()
 
 
+def test_a_planned_multi_node_job_is_not_held_to_one_machine(tmp_path):
+    # one GPU per node on two nodes (resources.fsdp_train), fsdp.num_machines left at 1: the
+    # launcher sets the machine count from the allocation, validation checked gpu x nodes
+    config = accelerate_config.write(settings(num_processes=2), tmp_path / "a.yaml", gpus=1, planned=True)
+    assert config["num_processes"] == 2 and not config["use_cpu"]
+    assert (tmp_path / "a.yaml").exists()
+
+
 def test_accelerate_accepts_the_file(tmp_path):
     path = tmp_path / "accelerate.yaml"
     accelerate_config.write(settings(), path, gpus=0)

@@ -302,7 +302,7 @@ def test_a_failed_launch_names_this_attempts_error_only(tmp_path, monkeypatch):
     config = tmp_path / "accelerate.yaml"
     config.write_text(yaml.safe_dump(BASE))
     settings = tmp_path / "train_settings.json"
-    settings.write_text(json.dumps({"fsdp": fsdp(), "model": {"attn_implementation": "eager"}}))
+    settings.write_text(json.dumps(validate({"model": {"attn_implementation": "eager"}}, SCHEMA)))
     monkeypatch.setattr(launch, "cuda_device_count", lambda: 0)
     script = tmp_path / "fails.py"
     script.write_text("import sys\nprint(open(sys.argv[1]).read(), end='')\nsys.exit(1)\n")

@@ -54,7 +54,8 @@ def small_config(nodes):
         run.setdefault("training", {}).update(max_steps=6, save_steps=3, eval_strategy="no")
     # the test nodes' names do not resolve; they all are this machine
     config["fsdp"].update(num_processes=2, main_process_ip="127.0.0.1")
-    config["resources"] = {"fsdp_train": {**TRAIN_RESOURCES, "nodes": nodes}}
+    # two ranks in all: one GPU per node on two nodes, two GPUs on one
+    config["resources"] = {"fsdp_train": {**TRAIN_RESOURCES, "nodes": nodes, "gpu": 2 // nodes}}
     return config
 
 

@@ -6,17 +6,68 @@ import torch
 from shardtune.config import resolve_runs
 from shardtune.errors import UserError
 from shardtune.inputs.modeling import load_dtype
-from shardtune.plan.attention import attention_implementation
+from shardtune.plan.attention import compute_dtype_name, decide, load_dtype_name
 from shardtune.train.entry import lora_config, sft_config
 
 
-def test_attention_falls_back_to_sdpa_and_says_why():
-    attn, why = attention_implementation("auto")
-    if not torch.cuda.is_available():
-        assert (attn, why) == ("sdpa", "no GPU visible")
-        with pytest.raises(UserError, match="flash_attention_2 needs flash-attn and a GPU"):
-            attention_implementation("flash_attention_2")
-    assert attention_implementation("eager") == ("eager", "set in model.attn_implementation")
+@pytest.mark.parametrize("requested", ["auto", "sdpa", "eager", "flash_attention_2"])
+@pytest.mark.parametrize("compute", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("has_flash", [True, False])
+@pytest.mark.parametrize("has_gpu", [True, False])
+def test_attention_is_decided_with_the_compute_dtype(requested, compute, has_flash, has_gpu):
+    """flash-attn only on a GPU, installed, in bf16/fp16; every other case says why not."""
+    runs = has_flash and has_gpu and compute != "float32"
+    missing = []
+    if not has_flash:
+        missing.append("flash-attn is not installed")
+    if not has_gpu:
+        missing.append("no GPU visible")
+    if compute == "float32":
+        missing.append("the run computes in float32 (flash-attn needs bfloat16 or float16)")
+    if requested == "flash_attention_2" and not runs:
+        with pytest.raises(UserError, match="flash_attention_2 cannot run here: " + "; ".join(missing).replace("(", r"\(").replace(")", r"\)")):
+            decide(requested, compute, has_flash, has_gpu)
+        return
+    attn, why = decide(requested, compute, has_flash, has_gpu)
+    if requested != "auto":
+        assert (attn, why) == (requested, "set in model.attn_implementation")
+    elif runs:
+        assert attn == "flash_attention_2" and compute in why
+    else:
+        assert (attn, why) == ("sdpa", "; ".join(missing))
+
+
+@pytest.mark.parametrize(
+    "overrides, load, compute",
+    [
+        ({}, "float32", "float32"),  # the default: fp32 weights, no mixed precision
+        ({"fsdp": {"mixed_precision": "bf16"}}, "float32", "bfloat16"),
+        ({"fsdp": {"mixed_precision": "bf16"}, "training": {"bf16": False}}, "float32", "float32"),
+        ({"training": {"bf16": True}}, "float32", "bfloat16"),
+        ({"fsdp": {"mixed_precision": "fp16"}}, "float32", "float16"),
+        ({"model": {"dtype": "bfloat16"}}, "bfloat16", "bfloat16"),
+        ({"quantization": {"load_in_4bit": True}}, "bfloat16", "bfloat16"),  # quant storage
+        ({"quantization": {"load_in_4bit": True, "bnb_4bit_quant_storage_dtype": "float32"}}, "float32", "float32"),
+    ],
+)
+def test_load_and_compute_dtypes_follow_the_settings(overrides, load, compute):
+    s = resolve_runs(overrides)["demo"]
+    assert (load_dtype_name(s), compute_dtype_name(s)) == (load, compute)
+    assert load_dtype(s) is getattr(torch, load)
+
+
+def test_the_default_config_on_a_gpu_with_flash_attn_keeps_sdpa():
+    """fp32 weights without mixed precision: flash-attn would reject them at the first step."""
+    s = resolve_runs({})["demo"]
+    assert decide("auto", compute_dtype_name(s), has_flash=True, has_gpu=True)[0] == "sdpa"
+    bf16 = resolve_runs({"fsdp": {"mixed_precision": "bf16"}})["demo"]
+    assert decide("auto", compute_dtype_name(bf16), has_flash=True, has_gpu=True)[0] == "flash_attention_2"
+
+
+def test_asking_for_flash_attention_in_float32_is_refused_at_validation():
+    with pytest.raises(UserError, match=r"'runs\.demo\.model\.attn_implementation': flash_attention_2 needs bf16 or fp16"):
+        resolve_runs({"model": {"attn_implementation": "flash_attention_2"}})
+    resolve_runs({"model": {"attn_implementation": "flash_attention_2"}, "training": {"bf16": True}})
 
 
 def test_qlora_loads_in_the_quant_storage_dtype():

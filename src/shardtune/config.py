@@ -11,6 +11,7 @@ import jsonschema
 import yaml
 
 from shardtune.errors import UserError
+from shardtune.plan.attention import HALF, compute_dtype_name
 
 # package data, so that an installed shardtune validates without the source tree
 # (workflow/schemas/config.schema.yaml links here)
@@ -152,6 +153,13 @@ def check_combinations(s, prefix="run"):
             fail("training.optim", f"{t['optim']} fails to save checkpoints with FSDP + QLoRA; use adamw_torch")
         if s["model"]["dtype"] not in ("auto", q["bnb_4bit_quant_storage_dtype"]):
             fail("model.dtype", "with load_in_4bit the model must load in the quant storage dtype (use auto)")
+    compute = compute_dtype_name(s)
+    if s["model"]["attn_implementation"] == "flash_attention_2" and compute not in HALF:
+        fail(
+            "model.attn_implementation",
+            f"flash_attention_2 needs bf16 or fp16 compute but this run computes in {compute}; "
+            "set training.bf16: true (or fsdp.mixed_precision: bf16) or attn_implementation: auto",
+        )
     if f["version"] == 1 and f["use_orig_params"]:
         fail("fsdp.use_orig_params", "with LoRA under FSDP1 use_orig_params must be false to save memory")
     if f["cpu_ram_efficient_loading"] and not f["sync_module_states"] and f["version"] == 1:

@@ -5,19 +5,14 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from shardtune.inputs.sources import model_path
+from shardtune.plan.attention import load_dtype_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
 
 def load_dtype(settings):
-    """The dtype the base weights load in: the quant storage dtype for QLoRA (as the recipe
-    requires for FSDP to flatten them), else what model.dtype says (auto = float32)."""
-    chosen = settings["model"]["dtype"]
-    if chosen != "auto":
-        return DTYPES[chosen]
-    if settings["quantization"]["load_in_4bit"]:
-        return DTYPES[settings["quantization"]["bnb_4bit_quant_storage_dtype"]]
-    return torch.float32
+    """The torch dtype the base weights load in (see load_dtype_name)."""
+    return DTYPES[load_dtype_name(settings)]
 
 
 def quantization_config(q):

@@ -67,9 +67,12 @@ def build(settings, gpus):
     return config
 
 
-def write(settings, path, gpus):
+def write(settings, path, gpus, planned=False):
+    """`planned`: `gpus` is what the training job asks for per node, already checked against
+    the job's nodes at validation (the machine count there may exceed fsdp.num_machines,
+    which the launcher sets from the allocation); otherwise `gpus` are this machine's."""
     config = build(settings, gpus)
-    if gpus and config["num_processes"] > gpus * config["num_machines"]:
+    if gpus and not planned and config["num_processes"] > gpus * config["num_machines"]:
         raise ConfigError(
             f"config error at 'fsdp.num_processes': {config['num_processes']} processes on "
             f"{config['num_machines']} machine(s) but {gpus} GPU(s) per machine are visible; lower it or use auto"

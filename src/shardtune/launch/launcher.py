@@ -296,8 +296,8 @@ def run(argv, log_path, env=None, console=None):
     ends in a LaunchError holding the one line that says why; the log keeps the rest."""
     env = os.environ if env is None else env
     args = parse_args(argv)
-    requested = args.settings.get("model", {}).get("attn_implementation", "auto")
-    attn, why = attention_implementation(requested)  # as every rank will decide; fails here first
+    requested = args.settings["model"]["attn_implementation"]
+    attn, why = attention_implementation(args.settings)  # as every rank will decide; fails here first
     with open(log_path, "a", buffering=1) as log_file:
         start = log_file.tell()  # the log keeps earlier attempts: read only this one's for errors
 

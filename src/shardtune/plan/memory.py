@@ -35,6 +35,8 @@ measured CPU runs, and lists what it does not explain.
 
 import torch
 
+from shardtune.plan.attention import load_dtype_name
+
 GIB = 1024**3
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1}
@@ -171,14 +173,7 @@ def estimate(shape, settings, world_size, gpus_planned=0, flattened=None):
         act = BYTES[q["bnb_4bit_compute_dtype"]]  # bitsandbytes computes in it
     else:
         act = 4
-    # the dtype the weights load in (modeling.load_dtype): model.dtype, else the quant storage
-    # dtype for QLoRA, else float32
-    if settings["model"]["dtype"] != "auto":
-        load = BYTES[settings["model"]["dtype"]]
-    elif q["load_in_4bit"]:
-        load = BYTES[q["bnb_4bit_quant_storage_dtype"]]
-    else:
-        load = 4
+    load = BYTES[load_dtype_name(settings)]  # the dtype the weights load in
     # FSDP's MixedPrecision param_dtype; for QLoRA transformers sets it to the quant storage dtype
     gather = act if mixed in ("bf16", "fp16") and not q["load_in_4bit"] else load
     shard = 1 if f["sharding_strategy"] == "NO_SHARD" else world_size

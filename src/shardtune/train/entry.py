@@ -239,7 +239,7 @@ def main(argv=None):
 
     data = datasets.load_from_disk(str(Path(args.data) / "data"))
     tokenizer = AutoTokenizer.from_pretrained(Path(args.data) / "tokenizer")
-    attn, why = attention_implementation(settings["model"]["attn_implementation"])
+    attn, why = attention_implementation(settings)
     log(f"attention: {attn} ({why})")
     log(f"allocator: {allocator.loaded()} (training.allocator: {settings['training'].get('allocator', 'auto')})")
     model = load_base_model(args.model, settings, len(tokenizer), attn=attn)
