@@ -16,15 +16,15 @@ from benchlib import step_timer
 
 
 def add_callback(callback, first=False):
-    """Give every SFTTrainer that shardtune.train builds one more callback (first or last)."""
-    base = train.SFTTrainer
+    """Give every trainer that shardtune.train builds one more callback (first or last)."""
+    base = train.Trainer
 
-    class PatchedSFTTrainer(base):
+    class PatchedTrainer(base):
         def __init__(self, *args, callbacks=None, **kwargs):
             callbacks = list(callbacks or [])
             super().__init__(*args, callbacks=[callback, *callbacks] if first else [*callbacks, callback], **kwargs)
 
-    train.SFTTrainer = PatchedSFTTrainer
+    train.Trainer = PatchedTrainer
 
 
 def add_timer(path, reset_peak):
@@ -156,7 +156,14 @@ def release_weight_pages():
     fsdp.fully_shard = fully_shard
 
 
+def every_rank_reads():
+    """shardtune before ranks other than 0 built the model on the meta device: with
+    cpu_ram_efficient_loading every rank read the whole checkpoint (transformers' loading)."""
+    train.receives_weights = lambda settings, rank: False
+
+
 FIXES = {
+    "every-rank-reads": every_rank_reads,
     "flattened-batches": flattened_batches,
     "release-weight-pages": release_weight_pages,
     "malloc-trim": malloc_trim,

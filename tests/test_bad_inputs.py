@@ -40,6 +40,7 @@ CONFIG_CASES = {
     "push without repo": ({"hub": {"push": True}}, "config error at 'runs.demo.hub.repo_id': hub.push is true but no repo_id"),
     "template name typo": ({"data": {"chat_template_format": "chatmll"}}, "config error at 'runs.demo.data.chat_template_format': 'chatmll' is neither chatml, zephyr, tokenizer"),
     "push without token": ({"hub": {"push": True, "repo_id": "me/demo"}}, "config error at 'runs.demo.hub.push': publishing is on but no Hugging Face token"),
+    "flash attention in fp32": ({"model": {"attn_implementation": "flash_attention_2"}}, "config error at 'runs.demo.model.attn_implementation': flash_attention_2 needs bf16 or fp16 compute but this run computes in float32"),
 }
 
 
@@ -190,9 +191,11 @@ def test_settings_that_do_not_fit_the_model_stop_before_training(tmp_path, case)
 
 
 def test_flash_attention_without_a_gpu_stops_before_the_ranks_start(tmp_path):
-    workdir = workflow_with(tmp_path, {"model": {"attn_implementation": "flash_attention_2"}})
+    workdir = workflow_with(tmp_path, {"model": {"attn_implementation": "flash_attention_2"}, "training": {"bf16": True}})
     result = snakemake(workdir, "--cores", "2", "train", check=False)
-    assert_stopped_before_training(workdir, result, "ERROR: model.attn_implementation: flash_attention_2 needs flash-attn and a GPU")
+    assert_stopped_before_training(
+        workdir, result, "ERROR: model.attn_implementation: flash_attention_2 cannot run here: flash-attn is not installed; no GPU visible"
+    )
 
 
 def test_a_training_failure_shows_one_line_on_the_console(tmp_path):

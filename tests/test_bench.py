@@ -13,12 +13,14 @@ BENCH = REPO / "bench"
 sys.path.insert(0, str(BENCH))
 
 import autobatch  # noqa: E402
+import gpu_acceptance  # noqa: E402
 import throughput  # noqa: E402
 
 import benchlib  # noqa: E402
 
 SCRIPTS = [
-    "throughput", "autobatch", "sharding_memory", "snakemake_overhead", "estimator_accuracy", "gpu_mfu", "attention_micro", "profile_step"
+    "throughput", "autobatch", "sharding_memory", "snakemake_overhead", "estimator_accuracy", "gpu_mfu", "attention_micro", "profile_step",
+    "gpu_acceptance", "load_memory",
 ]
 
 
@@ -171,3 +173,36 @@ def test_the_no_sharding_baseline_asks_the_reference_for_plain_data_parallel(tmp
     fx = {"model_files": tmp_path, "recipe_data": tmp_path}
     assert "--bench_ddp=True" in benchlib.reference_args(fx, settings, tmp_path, tmp_path / "t.json", ddp=True)
     assert "--bench_ddp=True" not in benchlib.reference_args(fx, settings, tmp_path, tmp_path / "t.json")
+
+
+def test_gpu_acceptance_runs_both_presets_under_both_fsdp_versions_changing_only_the_scale():
+    """The plan (validated like a workflow config): each preset at TinyLlama-1.1B's shape, once
+    under its own FSDP1 and once under FSDP2, everything else the preset's own."""
+    import yaml
+
+    settings = gpu_acceptance.main(["--plan"])["settings"]
+    assert sorted(settings) == ["lora-fsdp1", "lora-fsdp2", "qlora-fsdp1", "qlora-fsdp2"]
+    for run, s in settings.items():
+        kind, version = run.split("-fsdp")
+        preset = yaml.safe_load((REPO / f"configs/{gpu_acceptance.PRESETS[kind]}.yaml").read_text())
+        assert s["fsdp"]["version"] == int(version)
+        assert s["quantization"] == {**s["quantization"], **preset["quantization"]}
+        for key in ("sharding_strategy", "offload_params", "sync_module_states", "cpu_ram_efficient_loading", "mixed_precision"):
+            assert s["fsdp"][key] == preset["fsdp"][key], (run, key)
+        for key in ("bf16", "gradient_checkpointing", "use_reentrant", "learning_rate", "lr_scheduler_type"):
+            assert s["training"][key] == preset["training"].get(key, s["training"][key]), (run, key)
+        assert s["model"]["builtin"]["hidden_size"] == 2048 and s["model"]["builtin"]["num_layers"] == 22
+        assert s["fsdp"]["num_processes"] == s["resources"]["fsdp_train"]["gpu"] == 8  # no GPU here: the plan's 8
+        assert s["model"]["attn_implementation"] == "auto" and not s["hub"]["push"]
+
+
+def test_ranks_built_on_the_meta_device_train_what_reading_the_checkpoint_trains(tmp_path):
+    """FSDP2 with cpu_ram_efficient_loading on 2 CPU ranks: rank 1 builds the model without
+    reading it and gets rank 0's weights; the run equals one where every rank reads the
+    checkpoint (training loss, and the probe logits after training)."""
+    import load_memory
+
+    results = load_memory.main(["--model", "tiny", "--steps", "2", "--work", str(tmp_path)])
+    assert [r["how"] for r in results["ours"]["after_load"]] == ["read from disk", "on the meta device"]
+    assert [r["how"] for r in results["every-rank-reads"]["after_load"]] == ["read from disk", "read from disk"]
+    assert results["ours"]["train_loss"] == results["every-rank-reads"]["train_loss"] > 0

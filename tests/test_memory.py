@@ -184,9 +184,16 @@ def test_cpu_ranks_count_their_libraries_not_a_cuda_context(monkeypatch):
     assert report["device_gib"] == pytest.approx(
         report["device_allocated_gib"] * CPU_ALLOCATOR_RETENTION[report["cpu_allocator"]] + CPU_RANK_LIBRARIES_GIB
     )
-    # a CPU rank's memory is host memory: the CPU estimate is the ranks' (their training peak here)
-    assert report["cpu_peak_phase"] == "training"
-    assert report["cpu_gib"] == pytest.approx(8 * report["device_gib"])
+    # FSDP1 on CPU ranks: the launcher turns cpu_ram_efficient_loading off, every rank reads the
+    # whole fp32 model
+    assert report["cpu_peak_phase"] == "loading"
+    assert report["cpu_breakdown_gib"]["loading"] == pytest.approx(8 * shape["params"] * 4 / 2**30, rel=0.01)
+    # under FSDP2 only rank 0 reads it; a CPU rank's memory is host memory: the CPU estimate is
+    # the ranks' (their training peak here)
+    fsdp2 = estimate(shape, deep_merge(settings, {"fsdp": {"version": 2, "forward_prefetch": False}}), 8)
+    assert fsdp2["cpu_breakdown_gib"]["loading"] == pytest.approx(shape["params"] * 4 / 2**30, rel=0.01)
+    assert fsdp2["cpu_peak_phase"] == "training"
+    assert fsdp2["cpu_gib"] == pytest.approx(8 * fsdp2["device_gib"])
     glibc = estimate(shape, deep_merge(settings, {"training": {"allocator": "system"}}), 8)
     assert glibc["cpu_allocator"] == "system"
     assert glibc["device_gib"] == pytest.approx(glibc["device_allocated_gib"] * 1.65 + CPU_RANK_LIBRARIES_GIB)

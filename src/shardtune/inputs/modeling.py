@@ -27,18 +27,31 @@ def quantization_config(q):
     )
 
 
-def load_base_model(model_dir, settings, vocab_size, attn="sdpa", **kwargs):
-    """The base model as training saw it, embeddings resized to `vocab_size` if tokens were added."""
+def load_base_model(model_dir, settings, vocab_size, attn="sdpa", empty=False, **kwargs):
+    """The base model as training saw it, embeddings resized to `vocab_size` if tokens were added.
+    `empty`: parameters on the meta device, nothing read from disk, buffers (rotary
+    frequencies) computed for real, for a rank that receives its weights from rank 0 when FSDP
+    wraps the model (cpu_ram_efficient_loading)."""
     q = settings["quantization"]
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path(model_dir),
-        dtype=load_dtype(settings),
-        attn_implementation=attn,
-        quantization_config=quantization_config(q),
-        **kwargs,
-    )
+    if empty:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path(model_dir))
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=load_dtype(settings), attn_implementation=attn)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path(model_dir),
+            dtype=load_dtype(settings),
+            attn_implementation=attn,
+            quantization_config=quantization_config(q),
+            **kwargs,
+        )
     if vocab_size > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(vocab_size, pad_to_multiple_of=8, mean_resizing=not q["load_in_4bit"])
+        # the new rows' values are rank 0's too when `empty`: mean resizing needs real weights
+        mean = not q["load_in_4bit"] and not empty
+        model.resize_token_embeddings(vocab_size, pad_to_multiple_of=8, mean_resizing=mean)
     model.config.use_cache = False  # a cache would let packed sequences attend across boundaries
     return keep_4bit_cpu_path(model)
 

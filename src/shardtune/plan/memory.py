@@ -289,9 +289,11 @@ def estimate(shape, settings, world_size, gpus_planned=0, flattened=None):
     if q["load_in_4bit"] and cuda:
         loading = 0  # quantized on each GPU while loading (see load_device)
     else:
-        # with cpu_ram_efficient_loading only rank 0 reads the weights (the others start on the
-        # meta device and receive them from FSDP's sync_module_states); otherwise every rank does
-        loading = base * (1 if f["cpu_ram_efficient_loading"] else per_machine)
+        # with cpu_ram_efficient_loading only rank 0 reads the weights (train.entry.receives_weights:
+        # the others build it on the meta device and receive it from FSDP), except a 4-bit model
+        # and CPU ranks under FSDP1, where the launcher turns the setting off
+        efficient = f["cpu_ram_efficient_loading"] and not q["load_in_4bit"] and (cuda or f["version"] == 2)
+        loading = base * (1 if efficient else per_machine)
     cpu = {
         "offloaded": offloaded,  # pinned shards (and FSDP1's pinned gradient shards)
         "unpinned_shards": unpinned,  # FSDP1, first step only

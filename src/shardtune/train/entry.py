@@ -168,19 +168,53 @@ def peak_memory_gib():
     return resident_peak_gib(), None
 
 
-def resident_peak_gib():
-    """This process's peak resident set. VmHWM where /proc has it: getrusage's ru_maxrss survives
-    exec, so a rank would report its launcher's resident set at fork if that was larger."""
+def _status_gib(field):
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 2**20  # kB
     except OSError:
         pass
+    return None
+
+
+def resident_gib():
+    """This process's resident set now (None without /proc)."""
+    return _status_gib("VmRSS")
+
+
+def resident_peak_gib():
+    """This process's peak resident set. VmHWM where /proc has it: getrusage's ru_maxrss survives
+    exec, so a rank would report its launcher's resident set at fork if that was larger."""
+    peak = _status_gib("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def receives_weights(settings, rank):
+    """Whether this rank may build the model without reading it: FSDP will give it rank 0's
+    weights (cpu_ram_efficient_loading, as Accelerate set it for this launch: FSDP2 broadcasts
+    the full state dict, FSDP1 syncs module states). transformers reads the whole checkpoint on
+    every rank even then, which for a 70B model in fp32 is ~257 GiB per rank. 4-bit models
+    load for real everywhere: Accelerate broadcasts no quantized weights."""
+    from transformers.integrations.fsdp import is_fsdp_enabled  # ACCELERATE_USE_FSDP + FSDP_CPU_RAM_EFFICIENT_LOADING
+
+    return rank != 0 and is_fsdp_enabled() and not settings["quantization"]["load_in_4bit"]
+
+
+def materialize_trainable(model):
+    """Give the meta model's trainable (LoRA) parameters real, uninitialised CPU storage, which
+    rank 0's broadcast fills: under FSDP2 the Trainer builds the optimizer before Accelerate
+    shards the model and maps its parameters to their shards by storage address, and every
+    meta tensor has address 0 (the optimizer would step one LoRA matrix only)."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.requires_grad and param.is_meta:
+                module.register_parameter(name, torch.nn.Parameter(torch.empty_like(param, device="cpu")))
 
 
 def probe_batch(test):
@@ -242,9 +276,15 @@ def main(argv=None):
     attn, why = attention_implementation(settings)
     log(f"attention: {attn} ({why})")
     log(f"allocator: {allocator.loaded()} (training.allocator: {settings['training'].get('allocator', 'auto')})")
-    model = load_base_model(args.model, settings, len(tokenizer), attn=attn)
+    empty = receives_weights(settings, state.process_index)
+    model = load_base_model(args.model, settings, len(tokenizer), attn=attn, empty=empty)
     quantized = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
     log(f"base model: {model.num_parameters()} parameters in {model.dtype}, 4-bit linear layers: {quantized}")
+    loaded = "on the meta device (rank 0's weights arrive when FSDP wraps it)" if empty else "read from disk"
+    rss, anon = resident_gib(), _status_gib("RssAnon")
+    if rss is not None:
+        loaded += f"; resident {rss:.2f} GiB ({anon:.2f} GiB anonymous)"
+    print(f"[rank{state.process_index}] base model {loaded}", flush=True)
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     config = sft_config(settings, out, attn)
@@ -265,6 +305,8 @@ def main(argv=None):
         peft_config=lora_config(settings["lora"]),
         callbacks=callbacks,
     )
+    if empty:
+        materialize_trainable(trainer.model)
     distributed = str(trainer.accelerator.distributed_type)
     log(f"distributed type: {distributed}, processes: {state.num_processes}, fsdp: {trainer.is_fsdp_enabled}")
     if not trainer.is_fsdp_enabled:
